@@ -1,0 +1,7 @@
+"""adampx: AdamP and SGDP (Heo et al., ICLR 2021) for PyTorch — exact, sync-free, drop-in."""
+
+from adampx.adamp import AdamP
+from adampx.sgdp import SGDP
+
+__all__ = ["SGDP", "AdamP", "__version__"]
+__version__ = "0.1.0"

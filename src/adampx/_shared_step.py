@@ -1,0 +1,76 @@
+"""The tail of the step that AdamP and SGDP share: test-and-project, then weight decay.
+
+Given the update direction ``u`` of each tensor, this removes its radial part where the
+scale-invariance test passes (``adampx.projection``) and applies decoupled weight decay
+``p ← p · (1 − a·r)``, where ``a`` is the optimizer's decay amount (``lr·λ`` for AdamP,
+``lr·λ/(1−μ)`` for SGDP) and ``r`` is ``wd_ratio`` for projected tensors, else 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from adampx.projection import is_projectable, project_
+
+
+def project_and_decay_(
+    param: Tensor,
+    p: Tensor,
+    g: Tensor,
+    u: Tensor,
+    *,
+    projection: bool,
+    delta: float,
+    wd_ratio: float,
+    eps: float,
+    decay: float | Tensor,
+    weight_decay: float,
+) -> None:
+    """One tensor: project ``u`` in place if ``param`` is tested, then decay ``p`` in place.
+
+    Args:
+        param: the parameter as the user holds it (its shape decides whether it is tested).
+        p, g, u: its compute views: weight, raw gradient, update direction.
+        projection: the group's switch; False never projects.
+        delta, wd_ratio, eps: as in ALGORITHM.md.
+        decay: the decay amount ``a`` (float or 0-d tensor).
+        weight_decay: the group's ``λ``; zero skips the decay.
+    """
+    if projection and is_projectable(param):
+        r, _ = project_(p, g, u, delta=delta, wd_ratio=wd_ratio, eps=eps)
+        if weight_decay != 0:
+            p.mul_(1 - decay * r)
+    elif weight_decay != 0:
+        p.mul_(1 - decay)
+
+
+def foreach_project_and_decay_(
+    params: list[Tensor],
+    ps: list[Tensor],
+    gs: list[Tensor],
+    us: Sequence[Tensor],
+    *,
+    projection: bool,
+    delta: float,
+    wd_ratio: float,
+    eps: float,
+    decay: float | Tensor,
+    weight_decay: float,
+) -> None:
+    """:func:`project_and_decay_` for lists of tensors of one device and dtype."""
+    tested = [k for k, param in enumerate(params) if projection and is_projectable(param)]
+    ratios = [
+        project_(ps[k], gs[k], us[k], delta=delta, wd_ratio=wd_ratio, eps=eps)[0] for k in tested
+    ]
+    if weight_decay == 0:
+        return
+    untested = sorted(set(range(len(ps))) - set(tested))
+    if untested:
+        torch._foreach_mul_([ps[k] for k in untested], 1 - decay)
+    if tested:
+        factors = torch._foreach_mul(ratios, -decay)
+        torch._foreach_add_(factors, 1)
+        torch._foreach_mul_([ps[k] for k in tested], factors)

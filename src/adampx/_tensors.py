@@ -1,0 +1,86 @@
+"""How the optimizer math sees a parameter: dtypes, state layout, real views, grouping.
+
+- float16 / bfloat16 params keep their optimizer state in float32 and the math runs in
+  float32 (a float32 copy of the param is updated, then copied back);
+- complex params run on their real view (``torch.view_as_real``), state included;
+- every tensor the math writes keeps the param's memory layout (channels_last included).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
+)
+
+
+def check_param(p: Tensor, optimizer: str) -> None:
+    """Raise a clear error for a parameter or gradient the optimizer cannot handle."""
+    grad = p.grad
+    if grad is not None and grad.is_sparse:
+        raise RuntimeError(
+            f"{optimizer} does not support sparse gradients (param of shape "
+            f"{tuple(p.shape)}); use a dense optimizer or torch.optim.SparseAdam for it"
+        )
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{optimizer} supports params of dtype float16, bfloat16, float32, float64, "
+            f"complex64 and complex128, got {p.dtype}"
+        )
+
+
+def state_dtype(p: Tensor) -> torch.dtype:
+    """dtype of the optimizer state of ``p``: float32 for half types, else ``p.dtype``."""
+    return torch.float32 if p.dtype in HALF_DTYPES else p.dtype
+
+
+def zeros_state(p: Tensor) -> Tensor:
+    """A zero state tensor for ``p`` (same shape and memory layout, state dtype)."""
+    return torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+
+
+def real(t: Tensor) -> Tensor:
+    """The real view of a complex tensor; a real tensor unchanged."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def compute_view(t: Tensor) -> Tensor:
+    """The tensor the math runs on: float32 copy of a half tensor, real view of a complex one.
+
+    For a half param the caller must copy the result back (see :func:`write_back_`).
+    """
+    if t.dtype in HALF_DTYPES:
+        return t.to(torch.float32, memory_format=torch.preserve_format)
+    return real(t)
+
+
+def write_back_(param: Tensor, computed: Tensor) -> None:
+    """Copy the updated compute view into ``param`` when it was a copy (half params)."""
+    if param.dtype in HALF_DTYPES:
+        param.copy_(computed)
+
+
+def group_by_device_and_dtype(tensors: list[Tensor]) -> dict[tuple[str, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), in first-seen order."""
+    groups: dict[tuple[str, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(str(t.device), t.dtype)].append(i)
+    return groups
+
+
+def step_tensor(p: Tensor, value: float = 0.0) -> Tensor:
+    """The per-param step counter: a 0-d float32 tensor on the param's device.
+
+    Kept on the device so that bias corrections never read a value back to the host.
+    """
+    return torch.full((), value, dtype=torch.float32, device=p.device)

@@ -1,0 +1,341 @@
+"""AdamP: Adam with decoupled weight decay and the radial projection for scale-invariant weights.
+
+Heo et al., "Slowing Down the Weight Norm Increase in Momentum-based Optimizers", ICLR 2021.
+Per tensor ``p`` with gradient ``g`` at step ``t`` (from 1)::
+
+    m ← β1·m + (1−β1)·g
+    v ← β2·v + (1−β2)·g²
+    denom = sqrt(v) / sqrt(1 − β2^t) + eps
+    u = m / denom                      (nesterov: u = (β1·m + (1−β1)·g) / denom)
+    u, r = test-and-project(p, g, u)   (see adampx.projection; r = wd_ratio or 1)
+    p ← p · (1 − lr·λ·r)
+    p ← p − lr / (1 − β1^t) · u
+
+``AdamP.step`` gathers the tensors of each param group and makes one call to :func:`adamp`,
+which dispatches to a per-tensor or a multi-tensor (``torch._foreach_*``) implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adampx._optimizer import ProjectedOptimizer, check_flag, check_range, lr_value
+from adampx._shared_step import foreach_project_and_decay_, project_and_decay_
+from adampx._tensors import (
+    compute_view,
+    group_by_device_and_dtype,
+    real,
+    step_tensor,
+    write_back_,
+    zeros_state,
+)
+
+__all__ = ["AdamP", "adamp"]
+
+
+class AdamP(ProjectedOptimizer):
+    """AdamP, a drop-in replacement for ``adamp.AdamP`` (same arguments, order and defaults).
+
+    Args:
+        params: iterable of tensors, of ``(name, tensor)`` pairs, or of param-group dicts.
+        lr: learning rate (float or 1-element tensor), default 1e-3.
+        betas: ``(β1, β2)``, each in [0, 1), default (0.9, 0.999).
+        eps: added to the denominator and used by the projection, > 0, default 1e-8.
+        weight_decay: decoupled weight decay ``λ`` (AdamW-style), default 0 (AdamW's is 0.01).
+        delta: threshold ``δ`` of the scale-invariance test, >= 0, default 0.1.
+        wd_ratio: weight-decay multiplier for projected tensors, in [0, 1], default 0.1.
+        nesterov: Nesterov momentum in the update direction, default False.
+        foreach: multi-tensor (True) or per-tensor (False) implementation; None chooses.
+        maximize: maximise the objective instead of minimising it.
+        projection: set False in a param group to never project its tensors (for example
+            embeddings); they then behave as in AdamW.
+
+    Every hyperparameter may differ per param group. State per param: ``step`` (0-d float32
+    tensor on the param's device), ``exp_avg`` and ``exp_avg_sq`` (float32 for float16 and
+    bfloat16 params) — the keys of the reference package and of ``torch.optim.AdamW``.
+    """
+
+    _state_keys = ("step", "exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        delta: float = 0.1,
+        wd_ratio: float = 0.1,
+        nesterov: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        projection: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            nesterov=nesterov,
+            foreach=foreach,
+            maximize=maximize,
+            projection=projection,
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        lr_value(group["lr"])
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
+        check_range("beta1 (betas[0])", betas[0], 0.0, 1.0, high_open=True)
+        check_range("beta2 (betas[1])", betas[1], 0.0, 1.0, high_open=True)
+        check_range("eps", group["eps"], 0.0, float("inf"), low_open=True, high_open=True)
+        check_range("weight_decay", group["weight_decay"], 0.0, float("inf"), high_open=True)
+        check_range("delta", group["delta"], 0.0, float("inf"), high_open=True)
+        check_range("wd_ratio", group["wd_ratio"], 0.0, 1.0, high_open=False)
+        check_flag("nesterov", group["nesterov"])
+        check_flag("maximize", group["maximize"])
+        check_flag("projection", group["projection"])
+        check_flag("foreach", group["foreach"], allow_none=True)
+
+    @staticmethod
+    def _init_state(p: Tensor, state: dict[str, Any]) -> None:
+        state["step"] = step_tensor(p)
+        state["exp_avg"] = zeros_state(p)
+        state["exp_avg_sq"] = zeros_state(p)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; called with grad enabled.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = self._evaluate(closure)
+        for group in self.param_groups:
+            params, grads, states = self._gather(group, self._init_state)
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            adamp(
+                params,
+                grads,
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states],
+                foreach=group["foreach"],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                delta=group["delta"],
+                wd_ratio=group["wd_ratio"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                projection=group["projection"],
+            )
+        return loss
+
+
+def default_foreach(params: list[Tensor]) -> bool:
+    """The implementation chosen for ``foreach=None``, as torch chooses.
+
+    Multi-tensor on accelerators (CUDA, XPU), where it saves kernel launches; per-tensor on
+    the CPU, where torch's foreach kernels are per-tensor loops and the extra temporaries
+    make the multi-tensor path slower. Tensor subclasses (DTensor, ...) get the per-tensor path.
+    """
+    return all(
+        type(p) in (Tensor, torch.nn.Parameter) and p.device.type in ("cuda", "xpu") for p in params
+    )
+
+
+def adamp(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    delta: float,
+    wd_ratio: float,
+    nesterov: bool,
+    maximize: bool,
+    projection: bool,
+) -> None:
+    """Functional AdamP step, in place on ``params`` and the state lists (see module doc).
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs: tensors of one param group, aligned by index.
+        state_steps: 0-d float32 step counters on the params' devices (incremented here).
+        foreach: multi-tensor (True) or per-tensor (False); None chooses.
+        lr, beta1, beta2, eps, weight_decay, delta, wd_ratio, nesterov, maximize, projection:
+            as in :class:`AdamP`.
+    """
+    if foreach is None:
+        foreach = default_foreach(params)
+    impl = _multi_tensor_adamp if foreach else _single_tensor_adamp
+    impl(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        delta=delta,
+        wd_ratio=wd_ratio,
+        nesterov=nesterov,
+        maximize=maximize,
+        projection=projection,
+    )
+
+
+def _single_tensor_adamp(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    delta: float,
+    wd_ratio: float,
+    nesterov: bool,
+    maximize: bool,
+    projection: bool,
+) -> None:
+    for param, grad, m_state, v_state, step in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
+    ):
+        p = compute_view(param)
+        g = compute_view(grad)
+        m, v = real(m_state), real(v_state)
+        if maximize:
+            g = -g
+
+        step.add_(1)
+        t = step.to(p.dtype)
+        bias_correction1 = 1 - beta1**t
+        bias_correction2 = 1 - beta2**t
+
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bias_correction2.sqrt()).add_(eps)
+        if nesterov:
+            u = m.mul(beta1).add_(g, alpha=1 - beta1).div_(denom)
+        else:
+            u = m / denom
+
+        project_and_decay_(
+            param,
+            p,
+            g,
+            u,
+            projection=projection,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            eps=eps,
+            decay=lr * weight_decay,
+            weight_decay=weight_decay,
+        )
+        p.sub_(u.mul_(lr / bias_correction1))
+        write_back_(param, p)
+
+
+def _multi_tensor_adamp(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    delta: float,
+    wd_ratio: float,
+    nesterov: bool,
+    maximize: bool,
+    projection: bool,
+) -> None:
+    for indices in group_by_device_and_dtype(params).values():
+        originals = [params[i] for i in indices]
+        ps = [compute_view(params[i]) for i in indices]
+        gs = [compute_view(grads[i]) for i in indices]
+        ms = [real(exp_avgs[i]) for i in indices]
+        vs = [real(exp_avg_sqs[i]) for i in indices]
+        steps = [state_steps[i] for i in indices]
+        if maximize:
+            gs = list(torch._foreach_neg(gs))
+
+        torch._foreach_add_(steps, 1)
+        compute_dtype = ps[0].dtype
+        ts = steps if compute_dtype == torch.float32 else [s.to(compute_dtype) for s in steps]
+        bias_correction1 = torch._foreach_pow(beta1, ts)
+        torch._foreach_neg_(bias_correction1)
+        torch._foreach_add_(bias_correction1, 1)
+        sqrt_bias_correction2 = torch._foreach_pow(beta2, ts)
+        torch._foreach_neg_(sqrt_bias_correction2)
+        torch._foreach_add_(sqrt_bias_correction2, 1)
+        torch._foreach_sqrt_(sqrt_bias_correction2)
+
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, gs, alpha=1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        denoms = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denoms, sqrt_bias_correction2)
+        torch._foreach_add_(denoms, eps)
+        if nesterov:
+            us = torch._foreach_mul(ms, beta1)
+            torch._foreach_add_(us, gs, alpha=1 - beta1)
+            torch._foreach_div_(us, denoms)
+        else:
+            us = torch._foreach_div(ms, denoms)
+        del denoms
+
+        foreach_project_and_decay_(
+            originals,
+            ps,
+            gs,
+            us,
+            projection=projection,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            eps=eps,
+            decay=lr * weight_decay,
+            weight_decay=weight_decay,
+        )
+        step_sizes = torch._foreach_reciprocal(bias_correction1)
+        torch._foreach_mul_(step_sizes, lr)
+        torch._foreach_mul_(us, step_sizes)
+        torch._foreach_sub_(ps, us)
+        for param, p in zip(originals, ps, strict=True):
+            write_back_(param, p)

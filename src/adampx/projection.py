@@ -1,0 +1,192 @@
+"""The scale-invariance test and the radial projection of AdamP / SGDP.
+
+Pure functions, no optimizer state. The math (``../shared/ALGORITHM.md``, Heo et al., ICLR 2021):
+
+For a weight ``p`` with ``p.dim() > 1`` (``n0`` rows of length ``N / n0``), its raw gradient
+``g`` and an update direction ``u``, try two views in order, the channel view (one row per
+output channel, dim 0) and then the layer view (the whole tensor as one row):
+
+1. ``c_i = |cos(g_i, p_i)|`` per row, with ``cos(a, b) = a·b / (max(‖a‖, eps) max(‖b‖, eps))``;
+2. the view passes when ``max_i c_i < delta / sqrt(row_length)``;
+3. in the first view that passes, ``u_i ← u_i − p̂_i (p̂_i · u_i)`` with
+   ``p̂_i = p_i / (‖p_i‖ + eps)``, and the weight-decay multiplier is ``wd_ratio``;
+   if no view passes, ``u`` is unchanged and the multiplier is 1.
+
+Everything is computed with tensor operations only: the decision is a 0-d boolean tensor and
+the projection is applied with a coefficient that is zero where it does not fire, so no value
+ever travels from the device to the host (no synchronisation, no graph break under
+``torch.compile``). Rows are reduced over dims ``1..`` in place, so any memory layout
+(channels_last, transposed views) works without copies.
+
+The computation is split so that a sharded caller can reduce the per-row statistics
+globally: :func:`row_statistics` → :func:`decide` → :func:`projection_coefficients` →
+:func:`apply_projection_`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Decision",
+    "RowStatistics",
+    "apply_projection_",
+    "decide",
+    "is_projectable",
+    "project_",
+    "projection_coefficients",
+    "row_statistics",
+]
+
+
+class RowStatistics(NamedTuple):
+    """Per-row sums that the scale-invariance test needs, each of shape ``[n0]``.
+
+    Attributes:
+        gp: ``Σ_j g_ij p_ij`` (row dot product of gradient and weight).
+        gg: ``Σ_j g_ij²`` (squared row norm of the gradient).
+        pp: ``Σ_j p_ij²`` (squared row norm of the weight).
+        row_length: number of elements in one row (``N / n0``).
+    """
+
+    gp: Tensor
+    gg: Tensor
+    pp: Tensor
+    row_length: int
+
+
+class Decision(NamedTuple):
+    """Outcome of the scale-invariance test for one tensor (0-d boolean tensors).
+
+    Attributes:
+        channel: the channel view passed (it wins over the layer view).
+        layer: the channel view failed and the layer view passed.
+        max_cosine_channel: ``max_i |cos(g_i, p_i)|`` over rows.
+        cosine_layer: ``|cos(g, p)|`` of the whole tensor.
+    """
+
+    channel: Tensor
+    layer: Tensor
+    max_cosine_channel: Tensor
+    cosine_layer: Tensor
+
+    @property
+    def fired(self) -> Tensor:
+        """0-d boolean tensor: the projection applies in one of the views."""
+        return self.channel | self.layer
+
+
+def is_projectable(p: Tensor) -> bool:
+    """Whether ``p`` is ever tested: more than one dimension and at least one element.
+
+    For complex tensors this is decided on the complex shape, so a 1-d complex bias is never
+    projected even though its real view has two dimensions.
+    """
+    return p.dim() > 1 and p.numel() > 0
+
+
+def _row_dims(x: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, x.dim()))
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ_j a_ij b_ij`` for every row ``i`` (dim 0), for any layout."""
+    return (a * b).sum(dim=_row_dims(a))
+
+
+def row_statistics(p: Tensor, g: Tensor) -> RowStatistics:
+    """Row dot product and squared row norms of a weight ``p`` and its gradient ``g``.
+
+    Args:
+        p: real weight tensor with ``p.dim() > 1`` (use ``torch.view_as_real`` for complex).
+        g: its gradient, same shape.
+
+    Returns:
+        :class:`RowStatistics` with tensors of shape ``[p.shape[0]]``.
+    """
+    return RowStatistics(
+        gp=_row_dot(g, p),
+        gg=_row_dot(g, g),
+        pp=_row_dot(p, p),
+        row_length=p.numel() // p.shape[0],
+    )
+
+
+def _abs_cosine(dot: Tensor, sq_norm_a: Tensor, sq_norm_b: Tensor, eps: float) -> Tensor:
+    """``|a·b| / (max(‖a‖, eps) · max(‖b‖, eps))`` from precomputed sums."""
+    return dot.abs() / (sq_norm_a.sqrt().clamp_min(eps) * sq_norm_b.sqrt().clamp_min(eps))
+
+
+def decide(stats: RowStatistics, delta: float, eps: float) -> Decision:
+    """The scale-invariance test of ALGORITHM.md, channel view first, then layer view.
+
+    Args:
+        stats: per-row statistics of the whole tensor (a sharded caller passes globally
+            gathered rows, or sums reduced across shards).
+        delta: threshold ``δ``; a view passes when every ``|cos| < δ / sqrt(row_length)``.
+        eps: the ``eps`` of the cosine's norm clamp.
+
+    Returns:
+        :class:`Decision`; ``channel`` and ``layer`` are mutually exclusive.
+    """
+    n_rows = stats.gp.shape[0]
+    max_cos_channel = _abs_cosine(stats.gp, stats.gg, stats.pp, eps).amax()
+    cos_layer = _abs_cosine(stats.gp.sum(), stats.gg.sum(), stats.pp.sum(), eps)
+    channel = max_cos_channel < delta / math.sqrt(stats.row_length)
+    layer = (cos_layer < delta / math.sqrt(stats.row_length * n_rows)) & ~channel
+    return Decision(channel, layer, max_cos_channel, cos_layer)
+
+
+def projection_coefficients(
+    p: Tensor, u: Tensor, stats: RowStatistics, decision: Decision, eps: float
+) -> Tensor:
+    """Per-row coefficients ``c_i`` such that the projected update is ``u − c_i p_i``.
+
+    Channel view: ``c_i = (p_i·u_i) / (‖p_i‖ + eps)²``; layer view: ``c = (p·u) / (‖p‖ + eps)²``
+    for every row; zero where the projection does not fire. ``p̂ = p / (‖p‖ + eps)`` (note
+    ``+ eps``), so a zero weight gives a zero coefficient, never NaN.
+
+    Returns:
+        Tensor of shape ``[n0]`` in ``u``'s dtype.
+    """
+    pu = _row_dot(p, u)
+    zero = torch.zeros_like(pu)
+    channel_coef = pu / (stats.pp.sqrt() + eps).square()
+    layer_coef = pu.sum() / (stats.pp.sum().sqrt() + eps).square()
+    layer_coef = torch.where(decision.layer, layer_coef.expand_as(pu), zero)
+    return torch.where(decision.channel, channel_coef, layer_coef)
+
+
+def apply_projection_(p: Tensor, u: Tensor, coefficients: Tensor) -> Tensor:
+    """In place ``u_i ← u_i − c_i p_i`` for every row ``i``; returns ``u``."""
+    shape = (-1,) + (1,) * (p.dim() - 1)
+    return u.addcmul_(p, coefficients.view(shape), value=-1)
+
+
+def project_(
+    p: Tensor, g: Tensor, u: Tensor, *, delta: float, wd_ratio: float, eps: float
+) -> tuple[Tensor, Decision]:
+    """Test ``p`` for scale invariance and remove the radial part of ``u`` in place.
+
+    Args:
+        p: real weight, ``p.dim() > 1`` and non-empty (see :func:`is_projectable`).
+        g: its raw gradient (not the momentum).
+        u: the update direction; modified in place.
+        delta: threshold ``δ`` of the cosine test.
+        wd_ratio: weight-decay multiplier where the projection fires.
+        eps: the ``eps`` of the cosine clamp and of ``p̂ = p / (‖p‖ + eps)``.
+
+    Returns:
+        ``(r, decision)``: ``r`` is the weight-decay multiplier as a 0-d tensor of ``u``'s dtype
+        (``wd_ratio`` where the projection fired, else 1), and the :class:`Decision`.
+    """
+    stats = row_statistics(p, g)
+    decision = decide(stats, delta, eps)
+    apply_projection_(p, u, projection_coefficients(p, u, stats, decision, eps))
+    one = torch.ones((), dtype=u.dtype, device=u.device)
+    r = torch.where(decision.fired, torch.full_like(one, wd_ratio), one)
+    return r, decision
