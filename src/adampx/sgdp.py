@@ -10,7 +10,7 @@ Per tensor ``p`` with gradient ``g``, momentum ``μ``, dampening ``τ``::
     p ← p − lr·d
 
 The momentum buffer ``b`` itself is never projected (the paper's algorithm; the reference
-package projects it by accident when nesterov is off, see docs/migration.md).
+package projects it by accident when nesterov is off, see the README's migration notes).
 """
 
 from __future__ import annotations
