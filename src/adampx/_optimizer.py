@@ -78,13 +78,18 @@ class ProjectedOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; its hyperparameters are validated like the constructor's."""
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()  # a rejected group must not stay in the optimizer
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, default in self.defaults.items():
-                group.setdefault(key, default)
+                if key not in _FOREIGN_GROUP_KEYS:  # torch adds defaults["differentiable"]
+                    group.setdefault(key, default)
 
     def _gather(
         self, group: dict[str, Any], init: Callable[[Tensor, dict[str, Any]], None]
