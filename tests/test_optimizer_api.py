@@ -229,6 +229,7 @@ def test_signature_matches_reference_positionally(ours, theirs):
         "foreach": (keyword_only, None),
         "maximize": (keyword_only, False),
         "projection": (keyword_only, True),
+        "track_statistics": (keyword_only, False),
     }
     if ours is SGDP:
         assert positional(ours)[1] == ("lr", required)

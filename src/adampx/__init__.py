@@ -2,7 +2,9 @@
 
 from adampx.adamp import AdamP
 from adampx.inspection import inspect
+from adampx.monitor import NormMonitor
+from adampx.param_groups import param_groups
 from adampx.sgdp import SGDP
 
-__all__ = ["SGDP", "AdamP", "__version__", "inspect"]
+__all__ = ["SGDP", "AdamP", "NormMonitor", "__version__", "inspect", "param_groups"]
 __version__ = "0.1.0"

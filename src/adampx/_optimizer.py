@@ -7,7 +7,7 @@ this class only validates, keeps state and converts foreign checkpoints.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from copy import deepcopy
 from itertools import chain
 from numbers import Real
@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adampx._shared_step import Decisions
 from adampx._tensors import check_param, state_dtype, step_tensor
+from adampx.statistics import StatisticsRecorder, TensorStatistics
 
 # Group keys that other optimizers write into their checkpoints and that mean nothing here.
 _FOREIGN_GROUP_KEYS = ("amsgrad", "fused", "capturable", "differentiable", "decoupled_weight_decay")
@@ -64,15 +66,72 @@ def check_flag(name: str, value: Any, *, allow_none: bool = False) -> None:
 class ProjectedOptimizer(Optimizer):
     """Base of :class:`~adampx.AdamP` and :class:`~adampx.SGDP`.
 
+    ``step`` gathers each group's params that have a gradient and hands them to the
+    subclass's ``_update`` (one functional call), recording statistics where a group asks.
     Subclasses define ``_state_keys`` (their per-param state), ``_implementation_flags``
-    (group keys that select a code path, never taken from a checkpoint) and ``_check_group``.
+    (group keys that select a code path or a tool, never taken from a checkpoint),
+    ``_check_group``, ``_init_state`` and ``_update``.
     """
 
     _state_keys: ClassVar[tuple[str, ...]]
-    _implementation_flags: ClassVar[tuple[str, ...]] = ("foreach",)
+    _implementation_flags: ClassVar[tuple[str, ...]] = ("foreach", "track_statistics")
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self._statistics = StatisticsRecorder()
+        super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    @staticmethod
+    def _init_state(p: Tensor, state: dict[str, Any]) -> None:
+        """Fill the empty state of ``p`` (first step)."""
+        raise NotImplementedError
+
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        decisions: Decisions | None,
+    ) -> None:
+        """One functional call for the params of ``group`` that have a gradient."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; called with grad enabled.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = self._evaluate(closure)
+        if any(group["track_statistics"] for group in self.param_groups):
+            self._statistics.start_step()
+        for index, group in enumerate(self.param_groups):
+            params, grads, states = self._gather(group, self._init_state)
+            if not params:
+                continue
+            if not group["track_statistics"]:
+                self._update(group, params, grads, states, None)
+                continue
+            before = self._statistics.snapshot(params)
+            decisions: Decisions = {}
+            self._update(group, params, grads, states, decisions)
+            self._statistics.record(group, index, params, before, decisions)
+        return loss
+
+    def statistics(self) -> list[TensorStatistics]:
+        """Statistics of the last step, for groups with ``track_statistics=True``.
+
+        One record per param that had a gradient (see :mod:`adampx.statistics`); reading
+        copies the numbers to the host. Empty when no group tracks statistics.
+        """
+        return self._statistics.read()
 
     @torch._disable_dynamo
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -86,6 +145,7 @@ class ProjectedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_statistics", StatisticsRecorder())
         for group in self.param_groups:
             for key, default in self.defaults.items():
                 if key not in _FOREIGN_GROUP_KEYS:  # torch adds defaults["differentiable"]

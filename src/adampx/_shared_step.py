@@ -13,7 +13,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from adampx.projection import is_projectable, project_
+from adampx.projection import Decision, is_projectable, project_
+
+# Where a caller wants them (optimizer statistics), the decisions of the scale-invariance test,
+# keyed by the parameter as the user holds it.
+Decisions = dict[Tensor, Decision]
 
 
 def project_and_decay_(
@@ -28,6 +32,7 @@ def project_and_decay_(
     eps: float,
     decay: float | Tensor,
     weight_decay: float,
+    decisions: Decisions | None = None,
 ) -> None:
     """One tensor: project ``u`` in place if ``param`` is tested, then decay ``p`` in place.
 
@@ -38,9 +43,12 @@ def project_and_decay_(
         delta, wd_ratio, eps: as in ALGORITHM.md.
         decay: the decay amount ``a`` (float or 0-d tensor).
         weight_decay: the group's ``λ``; zero skips the decay.
+        decisions: if given, receives the test's :class:`Decision` under ``param``.
     """
     if projection and is_projectable(param):
-        r, _ = project_(p, g, u, delta=delta, wd_ratio=wd_ratio, eps=eps)
+        r, decision = project_(p, g, u, delta=delta, wd_ratio=wd_ratio, eps=eps)
+        if decisions is not None:
+            decisions[param] = decision
         if weight_decay != 0:
             p.mul_(1 - decay * r)
     elif weight_decay != 0:
@@ -59,12 +67,16 @@ def foreach_project_and_decay_(
     eps: float,
     decay: float | Tensor,
     weight_decay: float,
+    decisions: Decisions | None = None,
 ) -> None:
     """:func:`project_and_decay_` for lists of tensors of one device and dtype."""
     tested = [k for k, param in enumerate(params) if projection and is_projectable(param)]
-    ratios = [
-        project_(ps[k], gs[k], us[k], delta=delta, wd_ratio=wd_ratio, eps=eps)[0] for k in tested
-    ]
+    ratios = []
+    for k in tested:
+        r, decision = project_(ps[k], gs[k], us[k], delta=delta, wd_ratio=wd_ratio, eps=eps)
+        ratios.append(r)
+        if decisions is not None:
+            decisions[params[k]] = decision
     if weight_decay == 0:
         return
     untested = sorted(set(range(len(ps))) - set(tested))

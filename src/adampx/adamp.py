@@ -17,14 +17,14 @@ which dispatches to a per-tensor or a multi-tensor (``torch._foreach_*``) implem
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from adampx._optimizer import ProjectedOptimizer, check_flag, check_range, lr_value
-from adampx._shared_step import foreach_project_and_decay_, project_and_decay_
+from adampx._shared_step import Decisions, foreach_project_and_decay_, project_and_decay_
 from adampx._tensors import (
     compute_view,
     group_by_device_and_dtype,
@@ -53,6 +53,9 @@ class AdamP(ProjectedOptimizer):
         maximize: maximise the objective instead of minimising it.
         projection: set False in a param group to never project its tensors (for example
             embeddings); they then behave as in AdamW.
+        track_statistics: record per-tensor statistics of each step (which view fired, the
+            cosines, norms, effective step sizes), read with :meth:`statistics`; see
+            :mod:`adampx.statistics`. Off by default, and free when off.
 
     Every hyperparameter may differ per param group. State per param: ``step`` (0-d float32
     tensor on the param's device), ``exp_avg`` and ``exp_avg_sq`` (float32 for float16 and
@@ -75,6 +78,7 @@ class AdamP(ProjectedOptimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         projection: bool = True,
+        track_statistics: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -87,6 +91,7 @@ class AdamP(ProjectedOptimizer):
             foreach=foreach,
             maximize=maximize,
             projection=projection,
+            track_statistics=track_statistics,
         )
         super().__init__(params, defaults)
 
@@ -104,6 +109,7 @@ class AdamP(ProjectedOptimizer):
         check_flag("nesterov", group["nesterov"])
         check_flag("maximize", group["maximize"])
         check_flag("projection", group["projection"])
+        check_flag("track_statistics", group["track_statistics"])
         check_flag("foreach", group["foreach"], allow_none=True)
 
     @staticmethod
@@ -112,41 +118,34 @@ class AdamP(ProjectedOptimizer):
         state["exp_avg"] = zeros_state(p)
         state["exp_avg_sq"] = zeros_state(p)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step.
-
-        Args:
-            closure: re-evaluates the model and returns the loss; called with grad enabled.
-
-        Returns:
-            The closure's loss, or None.
-        """
-        loss = self._evaluate(closure)
-        for group in self.param_groups:
-            params, grads, states = self._gather(group, self._init_state)
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            adamp(
-                params,
-                grads,
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states],
-                foreach=group["foreach"],
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                delta=group["delta"],
-                wd_ratio=group["wd_ratio"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                projection=group["projection"],
-            )
-        return loss
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        decisions: Decisions | None,
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        adamp(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            foreach=group["foreach"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            delta=group["delta"],
+            wd_ratio=group["wd_ratio"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            projection=group["projection"],
+            decisions=decisions,
+        )
 
 
 def default_foreach(params: list[Tensor]) -> bool:
@@ -179,6 +178,7 @@ def adamp(
     nesterov: bool,
     maximize: bool,
     projection: bool,
+    decisions: Decisions | None = None,
 ) -> None:
     """Functional AdamP step, in place on ``params`` and the state lists (see module doc).
 
@@ -188,6 +188,7 @@ def adamp(
         foreach: multi-tensor (True) or per-tensor (False); None chooses.
         lr, beta1, beta2, eps, weight_decay, delta, wd_ratio, nesterov, maximize, projection:
             as in :class:`AdamP`.
+        decisions: if given, receives the scale-invariance decision of every tested param.
     """
     if foreach is None:
         foreach = default_foreach(params)
@@ -208,6 +209,7 @@ def adamp(
         nesterov=nesterov,
         maximize=maximize,
         projection=projection,
+        decisions=decisions,
     )
 
 
@@ -228,6 +230,7 @@ def _single_tensor_adamp(
     nesterov: bool,
     maximize: bool,
     projection: bool,
+    decisions: Decisions | None = None,
 ) -> None:
     for param, grad, m_state, v_state, step in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
@@ -262,6 +265,7 @@ def _single_tensor_adamp(
             eps=eps,
             decay=lr * weight_decay,
             weight_decay=weight_decay,
+            decisions=decisions,
         )
         p.sub_(u.mul_(lr / bias_correction1))
         write_back_(param, p)
@@ -284,6 +288,7 @@ def _multi_tensor_adamp(
     nesterov: bool,
     maximize: bool,
     projection: bool,
+    decisions: Decisions | None = None,
 ) -> None:
     for indices in group_by_device_and_dtype(params).values():
         originals = [params[i] for i in indices]
@@ -332,6 +337,7 @@ def _multi_tensor_adamp(
             eps=eps,
             decay=lr * weight_decay,
             weight_decay=weight_decay,
+            decisions=decisions,
         )
         step_sizes = torch._foreach_reciprocal(bias_correction1)
         torch._foreach_mul_(step_sizes, lr)

@@ -294,7 +294,7 @@ def _adamp_decision(
         layer_change,
         view,
         float(decision.max_cosine_channel),
-        delta / math.sqrt(stats.row_length),
+        decision.channel_threshold,
         float(decision.cosine_layer),
-        delta / math.sqrt(stats.row_length * stats.gp.shape[0]),
+        decision.layer_threshold,
     )

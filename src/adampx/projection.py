@@ -67,12 +67,16 @@ class Decision(NamedTuple):
         layer: the channel view failed and the layer view passed.
         max_cosine_channel: ``max_i |cos(g_i, p_i)|`` over rows.
         cosine_layer: ``|cos(g, p)|`` of the whole tensor.
+        channel_threshold: ``delta / sqrt(N / n0)`` (a Python float).
+        layer_threshold: ``delta / sqrt(N)`` (a Python float).
     """
 
     channel: Tensor
     layer: Tensor
     max_cosine_channel: Tensor
     cosine_layer: Tensor
+    channel_threshold: float
+    layer_threshold: float
 
     @property
     def fired(self) -> Tensor:
@@ -134,11 +138,13 @@ def decide(stats: RowStatistics, delta: float, eps: float) -> Decision:
         :class:`Decision`; ``channel`` and ``layer`` are mutually exclusive.
     """
     n_rows = stats.gp.shape[0]
+    channel_threshold = delta / math.sqrt(stats.row_length)
+    layer_threshold = delta / math.sqrt(stats.row_length * n_rows)
     max_cos_channel = _abs_cosine(stats.gp, stats.gg, stats.pp, eps).amax()
     cos_layer = _abs_cosine(stats.gp.sum(), stats.gg.sum(), stats.pp.sum(), eps)
-    channel = max_cos_channel < delta / math.sqrt(stats.row_length)
-    layer = (cos_layer < delta / math.sqrt(stats.row_length * n_rows)) & ~channel
-    return Decision(channel, layer, max_cos_channel, cos_layer)
+    channel = max_cos_channel < channel_threshold
+    layer = (cos_layer < layer_threshold) & ~channel
+    return Decision(channel, layer, max_cos_channel, cos_layer, channel_threshold, layer_threshold)
 
 
 def projection_coefficients(

@@ -15,7 +15,7 @@ package projects it by accident when nesterov is off, see the README's migration
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.optim.optimizer import required
 
 from adampx._optimizer import ProjectedOptimizer, check_flag, check_range, lr_value
-from adampx._shared_step import foreach_project_and_decay_, project_and_decay_
+from adampx._shared_step import Decisions, foreach_project_and_decay_, project_and_decay_
 from adampx._tensors import compute_view, group_by_device_and_dtype, real, write_back_, zeros_state
 from adampx.adamp import default_foreach
 
@@ -46,6 +46,8 @@ class SGDP(ProjectedOptimizer):
         foreach: multi-tensor (True) or per-tensor (False) implementation; None chooses.
         maximize: maximise the objective instead of minimising it.
         projection: set False in a param group to never project its tensors.
+        track_statistics: record per-tensor statistics of each step, read with
+            :meth:`statistics` (see :mod:`adampx.statistics`); off by default.
 
     State per param: ``momentum`` (the buffer ``b``, float32 for float16/bfloat16 params), the
     key of the reference package.
@@ -68,6 +70,7 @@ class SGDP(ProjectedOptimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         projection: bool = True,
+        track_statistics: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -81,6 +84,7 @@ class SGDP(ProjectedOptimizer):
             foreach=foreach,
             maximize=maximize,
             projection=projection,
+            track_statistics=track_statistics,
         )
         super().__init__(params, defaults)
 
@@ -100,44 +104,38 @@ class SGDP(ProjectedOptimizer):
         check_range("wd_ratio", group["wd_ratio"], 0.0, 1.0, high_open=False)
         check_flag("maximize", group["maximize"])
         check_flag("projection", group["projection"])
+        check_flag("track_statistics", group["track_statistics"])
         check_flag("foreach", group["foreach"], allow_none=True)
 
     @staticmethod
     def _init_state(p: Tensor, state: dict[str, Any]) -> None:
         state["momentum"] = zeros_state(p)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step.
-
-        Args:
-            closure: re-evaluates the model and returns the loss; called with grad enabled.
-
-        Returns:
-            The closure's loss, or None.
-        """
-        loss = self._evaluate(closure)
-        for group in self.param_groups:
-            params, grads, states = self._gather(group, self._init_state)
-            if not params:
-                continue
-            sgdp(
-                params,
-                grads,
-                [s["momentum"] for s in states],
-                foreach=group["foreach"],
-                lr=group["lr"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                eps=group["eps"],
-                delta=group["delta"],
-                wd_ratio=group["wd_ratio"],
-                maximize=group["maximize"],
-                projection=group["projection"],
-            )
-        return loss
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        decisions: Decisions | None,
+    ) -> None:
+        sgdp(
+            params,
+            grads,
+            [s["momentum"] for s in states],
+            foreach=group["foreach"],
+            lr=group["lr"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            eps=group["eps"],
+            delta=group["delta"],
+            wd_ratio=group["wd_ratio"],
+            maximize=group["maximize"],
+            projection=group["projection"],
+            decisions=decisions,
+        )
 
 
 def sgdp(
@@ -156,6 +154,7 @@ def sgdp(
     wd_ratio: float,
     maximize: bool,
     projection: bool,
+    decisions: Decisions | None = None,
 ) -> None:
     """Functional SGDP step, in place on ``params`` and ``momentum_buffers`` (see module doc).
 
@@ -164,6 +163,7 @@ def sgdp(
         foreach: multi-tensor (True) or per-tensor (False); None chooses.
         lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio, maximize,
         projection: as in :class:`SGDP`.
+        decisions: if given, receives the scale-invariance decision of every tested param.
     """
     if foreach is None:
         foreach = default_foreach(params)
@@ -182,6 +182,7 @@ def sgdp(
         wd_ratio=wd_ratio,
         maximize=maximize,
         projection=projection,
+        decisions=decisions,
     )
 
 
@@ -200,6 +201,7 @@ def _single_tensor_sgdp(
     wd_ratio: float,
     maximize: bool,
     projection: bool,
+    decisions: Decisions | None = None,
 ) -> None:
     for param, grad, b_state in zip(params, grads, momentum_buffers, strict=True):
         p = compute_view(param)
@@ -222,6 +224,7 @@ def _single_tensor_sgdp(
             eps=eps,
             decay=lr * weight_decay / (1 - momentum),
             weight_decay=weight_decay,
+            decisions=decisions,
         )
         p.sub_(d.mul_(lr))
         write_back_(param, p)
@@ -242,6 +245,7 @@ def _multi_tensor_sgdp(
     wd_ratio: float,
     maximize: bool,
     projection: bool,
+    decisions: Decisions | None = None,
 ) -> None:
     for indices in group_by_device_and_dtype(params).values():
         originals = [params[i] for i in indices]
@@ -266,6 +270,7 @@ def _multi_tensor_sgdp(
             eps=eps,
             decay=lr * weight_decay / (1 - momentum),
             weight_decay=weight_decay,
+            decisions=decisions,
         )
         torch._foreach_mul_(ds, lr)
         torch._foreach_sub_(ps, ds)
