@@ -79,9 +79,10 @@ class Report(list[ParamReport]):
     """A list of :class:`ParamReport` that prints as a table."""
 
     def __str__(self) -> str:
+        width = max([len("parameter"), *(len(r.name) for r in self)]) + 2
         header = (
-            f"{'parameter':<32}{'shape':<18}{'invariance':<11}{'Δout chan':>10}{'Δout layer':>11}"
-            f"  {'AdamP view':<10}{'max|cos|':>9}{'thresh':>9}"
+            f"{'parameter':<{width}}{'shape':<18}{'invariance':<11}"
+            f"{'Δout chan':>10}{'Δout layer':>11}  {'AdamP view':<10}{'max|cos|':>9}{'thresh':>9}"
         )
         lines = [header, "-" * len(header)]
         for r in self:
@@ -90,7 +91,7 @@ class Report(list[ParamReport]):
             flag = "" if r.agrees else "  <- probe and cosine test differ"
             flag += f"  ({r.note})" if r.note else ""
             lines.append(
-                f"{r.name[:31]:<32}{'×'.join(map(str, r.shape)) or 'scalar':<18}"
+                f"{r.name:<{width}}{'×'.join(map(str, r.shape)) or 'scalar':<18}"
                 f"{r.invariance:<11}{r.channel_change:>10.1e}{r.layer_change:>11.1e}"
                 f"  {r.adamp_view:<10}{cos:>9}{thr:>9}{flag}"
             )
@@ -244,14 +245,15 @@ def _probe_gradients(
     """Gradients of one backward pass of the probe loss."""
     for _, p in named:
         p.grad = None
-    output = forward()
-    if loss_fn is None:
-        flat = torch.cat([o.reshape(-1) for o in _tensors(output)])
-        weights = torch.randn(flat.numel(), generator=generator, dtype=torch.float64)
-        loss = (flat * weights.to(flat.device, flat.dtype)).sum()
-    else:
-        loss = loss_fn(output)
-    loss.backward()
+    with torch.enable_grad():  # inspect may be called under torch.no_grad()
+        output = forward()
+        if loss_fn is None:
+            flat = torch.cat([o.reshape(-1) for o in _tensors(output)])
+            weights = torch.randn(flat.numel(), generator=generator, dtype=torch.float64)
+            loss = (flat * weights.to(flat.device, flat.dtype)).sum()
+        else:
+            loss = loss_fn(output)
+        loss.backward()
     return {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
 
 

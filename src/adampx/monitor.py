@@ -75,7 +75,7 @@ class NormMonitor:
         callback: Callable[[list[NormRecord]], None] | None = None,
         track: Callable[[str, Tensor], bool] | None = None,
     ) -> None:
-        if not isinstance(every, int) or every < 1:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"Invalid every: {every!r} (must be an int >= 1)")
         keep = track or (lambda name, p: p.dim() > 1)
         self.params = [(n, p) for n, p in model.named_parameters() if keep(n, p)]
@@ -93,6 +93,7 @@ class NormMonitor:
         self._before: list[Tensor] | None = None
         self._file, self._writer = _open_sink(path)
         self._tensorboard = _tensorboard_writer(tensorboard)
+        self._owns_tensorboard = self._tensorboard is not tensorboard
         self._hooks = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -159,7 +160,10 @@ class NormMonitor:
             self._file.close()
             self._file = None
         if self._tensorboard is not None:
-            self._tensorboard.flush()
+            if self._owns_tensorboard:
+                self._tensorboard.close()
+            else:
+                self._tensorboard.flush()
 
     def __enter__(self) -> NormMonitor:
         return self

@@ -31,7 +31,8 @@ def param_groups(
     Args:
         model: the model.
         report: optional result of ``adampx.inspect(model, ...)``; weights it finds with
-            ``invariance == "none"`` get ``projection=False``.
+            ``invariance == "none"`` get ``projection=False`` (all-zero weights, which the
+            probe cannot measure, keep the projection).
         decay_1d: keep weight decay on 0-d/1-d tensors (default False: no decay there).
 
     Returns:
@@ -44,7 +45,8 @@ def param_groups(
         if not names <= known:
             missing = sorted(names - known)[:5]
             raise ValueError(f"the report does not cover these parameters of the model: {missing}")
-        not_invariant = {r.name for r in report if r.invariance == "none"}
+        # "none" as measured; an all-zero tensor (noted, not probed) keeps the projection
+        not_invariant = {r.name for r in report if r.invariance == "none" and not r.note}
     weights, plain, small = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

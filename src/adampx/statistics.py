@@ -65,6 +65,11 @@ def _snapshot(p: Tensor) -> Tensor:
     return p.detach().to(dtype=dtype, copy=True)
 
 
+def _captured(lr: Any) -> Any:
+    """The lr as it is now: schedulers update a tensor lr in place after the step."""
+    return lr.detach().clone() if isinstance(lr, Tensor) else float(lr)
+
+
 class StatisticsRecorder:
     """Collects :class:`TensorStatistics` during a step; reads them back on demand."""
 
@@ -73,7 +78,7 @@ class StatisticsRecorder:
         self._pending: list[_Pending] = []
 
     def start_step(self) -> None:
-        """Called at the start of a step that records: forget the previous step's numbers."""
+        """Called at the start of every step: count it, forget the previous step's numbers."""
         self.step += 1
         self._pending = []
 
@@ -115,7 +120,7 @@ class StatisticsRecorder:
                     tested=d is not None,
                     channel_threshold=d.channel_threshold if d is not None else nan,
                     layer_threshold=d.layer_threshold if d is not None else nan,
-                    lr=group["lr"],
+                    lr=_captured(group["lr"]),
                     values=torch.stack([*tested_values, norm, update]),
                 )
             )
