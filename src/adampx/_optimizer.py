@@ -110,7 +110,10 @@ class ProjectedOptimizer(Optimizer):
             The closure's loss, or None.
         """
         loss = self._evaluate(closure)
-        self._statistics.start_step()  # counts the step; forgets the previous records
+        if any(group["track_statistics"] for group in self.param_groups):
+            self._statistics.start_step()
+        else:
+            self._statistics.clear()
         for index, group in enumerate(self.param_groups):
             params, grads, states = self._gather(group, self._init_state)
             if not params:

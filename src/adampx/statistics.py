@@ -35,7 +35,7 @@ __all__ = ["StatisticsRecorder", "TensorStatistics"]
 class TensorStatistics:
     """One parameter at one step (see the module docstring for the fields)."""
 
-    step: int
+    step: int  # how many steps have recorded statistics so far (this one included)
     name: str
     view: str
     max_cosine: float
@@ -74,13 +74,19 @@ class StatisticsRecorder:
     """Collects :class:`TensorStatistics` during a step; reads them back on demand."""
 
     def __init__(self) -> None:
-        self.step = 0
+        # A CPU tensor, not a Python int: a compiled step would recompile on every new int.
+        self._steps = torch.zeros((), dtype=torch.int64)
         self._pending: list[_Pending] = []
 
     def start_step(self) -> None:
-        """Called at the start of every step: count it, forget the previous step's numbers."""
-        self.step += 1
+        """Called at the start of a step that records: count it, forget the last records."""
+        self._steps.add_(1)
         self._pending = []
+
+    def clear(self) -> None:
+        """Called at the start of a step that records nothing: forget the last records."""
+        if self._pending:
+            self._pending = []
 
     @staticmethod
     def snapshot(params: list[Tensor]) -> list[Tensor]:
@@ -129,6 +135,7 @@ class StatisticsRecorder:
         """The last recorded step's statistics on the host (one device-to-host copy)."""
         if not self._pending:
             return []
+        steps = int(self._steps)
         devices = {e.values.device for e in self._pending}
         if len(devices) == 1:  # one copy for all
             rows = torch.stack([e.values for e in self._pending]).cpu().tolist()
@@ -145,7 +152,7 @@ class StatisticsRecorder:
                 view = "channel" if channel else "layer" if layer else "none"
             out.append(
                 TensorStatistics(
-                    step=self.step,
+                    step=steps,
                     name=e.name,
                     view=view,
                     max_cosine=max_cos,
