@@ -370,3 +370,32 @@ def test_plots_write_png(tmp_path: Path) -> None:
         data = path.read_bytes()
         assert len(data) > 1000
         assert data[:8] == PNG_MAGIC
+
+
+class _RecordingWriter:
+    """Stands in for ``torch.utils.tensorboard.SummaryWriter`` (its add_scalar/flush API)."""
+
+    def __init__(self) -> None:
+        self.scalars: list[tuple[str, float, int]] = []
+        self.flushed = False
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def flush(self) -> None:
+        self.flushed = True
+
+
+def test_tensorboard_writer_gets_every_record() -> None:
+    model = make_model()
+    optimizer = make_optimizer("AdamP", model)
+    writer = _RecordingWriter()
+    with NormMonitor(model, optimizer, every=2, tensorboard=writer) as monitor:
+        train(model, optimizer, 4)
+    expected = [
+        (f"{key}/{r.name}", getattr(r, key), r.step)
+        for r in monitor.records
+        for key in ("norm", "update_norm", "effective_step", "relative_update")
+    ]
+    assert monitor.records and writer.scalars == expected
+    assert writer.flushed  # a writer the user passed is flushed, not closed
