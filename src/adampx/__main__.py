@@ -6,6 +6,7 @@ Also ``python -m adampx ...``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reproduce(settings)
     except (SettingsError, DataError) as e:
-        print(f"adampx reproduce: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike
+            print(f"adampx reproduce: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

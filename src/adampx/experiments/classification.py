@@ -176,8 +176,8 @@ def train_classifier(
                 scheduler.step()
                 step += 1
                 if progress is not None and (step % 10 == 0 or step == total):
-                    progress(step, total, float(loss))  # a host sync every 10 steps only
-        loss_value = float(loss)
+                    progress(step, total, float(loss.detach()))  # a host sync every 10 steps only
+        loss_value = float(loss.detach())
     seconds = time.perf_counter() - start
     return RunResult(
         test_accuracy=evaluate(model, data, batch_size, device),

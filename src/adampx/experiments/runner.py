@@ -91,8 +91,11 @@ class Settings:
         s = Settings(**asdict(self))
         s.model = self.model or model
         _check_names("model", [s.model], MODELS)
-        s.batch_size = self.batch_size or batch
-        s.epochs = self.epochs or (quick_epochs if self.suite == "quick" else full_epochs)
+        s.batch_size = self.batch_size if self.batch_size is not None else batch
+        if self.epochs is not None:
+            s.epochs = self.epochs
+        else:
+            s.epochs = quick_epochs if self.suite == "quick" else full_epochs
         s.seeds = self.seeds if self.seeds is not None else list(range(SUITE_SEEDS[self.suite]))
         if not s.seeds:
             raise SettingsError("--seeds needs at least one seed")
@@ -287,6 +290,28 @@ def _distributed(device: torch.device) -> Iterator[int]:
         torch.distributed.destroy_process_group()
 
 
+def _prepare_out_on_rank0(s: Settings, main: bool) -> dict[str, Any]:
+    """Rank 0 prepares ``OUT``; under torchrun every rank then gets its verdict and results.
+
+    So that a refusal (an output folder in the way) stops every rank with the same message,
+    and a resumed run skips the same runs on every rank.
+    """
+    results: dict[str, Any] = {"runs": []}
+    error = ""
+    if main:
+        try:
+            results = _prepare_out(s)
+        except SettingsError as e:
+            error = str(e)
+    if _is_distributed():
+        shared: list[Any] = [error, results]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        error, results = shared
+    if error:
+        raise SettingsError(error)
+    return results
+
+
 def reproduce(settings: Settings) -> dict[str, Any]:
     """Run the suite described by ``settings`` and write its report; returns the results."""
     from adampx.experiments.report import write_report
@@ -296,24 +321,24 @@ def reproduce(settings: Settings) -> dict[str, Any]:
     if device.type == "cuda" and int(os.environ.get("LOCAL_RANK", "-1")) >= 0:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
+    # Bad data fails here, before any run or output folder exists.
+    data: DataSplits | None = None
+    if "classification" in s.tasks:
+        data = load_dataset(s.dataset, s.data_dir, seed=0, image_size=s.image_size)
     with _distributed(device) as rank:
         main = rank == 0
-        results = _prepare_out(s) if main else {"runs": []}
-        if _is_distributed():
-            torch.distributed.barrier()  # rank 0 has checked the output folder
+        results = _prepare_out_on_rank0(s, main)
         out = Path(s.out)
         done = {r["run_id"] for r in results["runs"]}
         todo = [r for r in plan(s) if r.run_id not in done]
         if main and done:
             print(f"resuming: {len(done)} runs done, {len(todo)} to go", file=sys.stderr)
-        data: DataSplits | None = None
         invariant: set[str] | None = None
         progress = _Progress(len(todo), enabled=main)
         try:
             for spec in todo:
-                if spec.task == "classification" and data is None:
-                    data = load_dataset(s.dataset, s.data_dir, seed=0, image_size=s.image_size)
-                    assert s.model is not None
+                if spec.task == "classification" and invariant is None:
+                    assert data is not None and s.model is not None
                     probe = build_model(
                         s.model, data.num_classes, data.in_channels, data.image_size
                     ).to(device)
