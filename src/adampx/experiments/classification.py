@@ -76,7 +76,7 @@ def scale_invariant_names(model: nn.Module, data: DataSplits, device: torch.devi
 
 
 def _curve(records: list[NormRecord]) -> list[dict[str, float]]:
-    """Per logged step: total norm of the tracked weights, medians of the step sizes."""
+    """Per logged step: total norm of the tracked weights, medians of the step sizes, lr."""
     by_step: dict[int, list[NormRecord]] = {}
     for r in records:
         by_step.setdefault(r.step, []).append(r)
@@ -90,6 +90,7 @@ def _curve(records: list[NormRecord]) -> list[dict[str, float]]:
                 "norm": math.sqrt(sum(r.norm**2 for r in rs)),
                 "relative_update": rel[len(rel) // 2],
                 "effective_step": eff[len(eff) // 2],
+                "lr": rs[0].lr,
             }
         )
     return curve
