@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from adampx import SGDP, AdamP
+from norm_mlp import loss_at, make_model
 
 STEPS_BEFORE = 3
 STEPS_AFTER = 3
@@ -27,31 +28,6 @@ ADAMP_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def make_model(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
-    """Small net with a channel-invariant weight (BatchNorm), a layer-invariant one
-    (LayerNorm), 1-d norm gains/biases and a plain head, so that the projection fires in
-    both views and stays off elsewhere."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(6, 8, bias=False),
-        nn.BatchNorm1d(8),
-        nn.ReLU(),
-        nn.Linear(8, 8, bias=False),
-        nn.LayerNorm(8),
-        nn.ReLU(),
-        nn.Linear(8, 3),
-    ).to(dtype)
-
-
-def loss_at(model: nn.Module, i: int) -> torch.Tensor:
-    """Loss of ``model`` on the deterministic batch number ``i``."""
-    dtype = next(model.parameters()).dtype
-    gen = torch.Generator().manual_seed(1000 + i)
-    x = torch.randn(16, 6, generator=gen).to(dtype)
-    y = torch.randn(16, 3, generator=gen).to(dtype)
-    return nn.functional.mse_loss(model(x), y)
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, start: int, steps: int) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.optim.optimizer import required
 
 from adampx import SGDP, AdamP
+from norm_mlp import loss_at, make_model
 
 # float64 parity with another implementation (different operation order in the projection).
 REF_TOL = dict(rtol=1e-10, atol=1e-12)
@@ -26,29 +27,6 @@ STEPS = 4
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def make_model(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
-    """A channel-invariant weight (BatchNorm), a layer-invariant one (LayerNorm), 1-d gains and
-    biases and a plain head: the projection fires in both views and stays off elsewhere."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(6, 8, bias=False),
-        nn.BatchNorm1d(8),
-        nn.ReLU(),
-        nn.Linear(8, 8, bias=False),
-        nn.LayerNorm(8),
-        nn.ReLU(),
-        nn.Linear(8, 3),
-    ).to(dtype)
-
-
-def loss_at(model: nn.Module, i: int) -> torch.Tensor:
-    dtype = next(model.parameters()).dtype
-    gen = torch.Generator().manual_seed(1000 + i)
-    x = torch.randn(16, 6, generator=gen).to(dtype)
-    y = torch.randn(16, 3, generator=gen).to(dtype)
-    return nn.functional.mse_loss(model(x), y)
 
 
 def train(

@@ -30,15 +30,6 @@ RTOL, ATOL = 1e-10, 1e-12
 Factory = Callable[[Any], torch.optim.Optimizer]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: threads only cost (badly so on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------- models
 
 

@@ -77,15 +77,6 @@ def n_train_digits() -> int:
     return len(load_dataset("digits", None, seed=0).train)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """One torch thread: on two shared cores, two threads can run ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny run of every task: toys, and SGD/SGDP with and without weight decay."""

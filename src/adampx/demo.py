@@ -40,20 +40,16 @@ class RunResult:
 
 
 def load_digits(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scikit-learn's digits as ``(x_train, y_train, x_test, y_test)``, 80/20 split."""
+    """scikit-learn's digits as ``(x_train, y_train, x_test, y_test)``, 80/20 split by seed."""
+    from adampx.experiments.data import DataError, load_dataset
+
     try:
-        from sklearn.datasets import load_digits as sk_load_digits
-    except ImportError:  # pragma: no cover - exercised only without the extra
-        raise SystemExit(
-            "the demo needs scikit-learn (it ships the digits data set): pip install 'adampx[demo]'"
-        ) from None
-    digits = sk_load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    n_test = len(y) // 5
-    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+        data = load_dataset("digits", seed=seed)
+    except DataError as e:  # scikit-learn missing
+        raise SystemExit(str(e)) from None
+    x_train, y_train = data.train.tensors  # type: ignore[attr-defined]
+    x_test, y_test = data.test.tensors  # type: ignore[attr-defined]
+    return x_train, y_train, x_test, y_test
 
 
 def make_model() -> nn.Sequential:
