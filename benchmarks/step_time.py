@@ -1,0 +1,239 @@
+"""Optimizer step time and extra memory: adampx's paths vs torch.optim vs the reference package.
+
+    python benchmarks/step_time.py                 # all shape sets, 2 threads
+    python benchmarks/step_time.py --sets resnet50 --rounds 15
+
+For each shape set (the parameter shapes of ResNet-50, of ViT-B/16, and an LLM-like set of
+large matrices; generated here, no torchvision), every candidate optimizer steps the same
+parameters with the same random gradients. The candidates are *interleaved*: each round
+times one step of every candidate in turn, so that the machine's noise hits all of them
+alike; the table shows the median over rounds, the ratio to the matching fused torch
+optimizer (AdamW(fused=True) for the Adam family, SGD(momentum=0.9, fused=True) for the SGD
+family), and the peak extra memory of one step.
+
+Peak extra memory is measured by counting, during one (non-first) step, the bytes of every
+tensor that an operation creates and that is still alive, through a
+``TorchDispatchMode``; the peak of that count is what the step needs beyond the params,
+gradients and optimizer state. It counts tensors, not allocator blocks.
+
+The end-to-end row times forward + backward + step of a ResNet-18 layout (CIFAR stem) on
+32×32 inputs, batch 64, AdamP vs AdamW (both default paths), interleaved, and reports
+AdamP's overhead as a percentage with the spread over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from datetime import date
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import adampx
+
+Shapes = list[tuple[int, ...]]
+
+
+def resnet50_shapes() -> Shapes:
+    """Parameter shapes of torchvision's ResNet-50 (25.6M parameters in 161 tensors)."""
+    shapes: Shapes = [(64, 3, 7, 7), (64,), (64,)]
+    c_in = 64
+    for width, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True):
+        for b in range(blocks):
+            out = width * 4
+            shapes += [(width, c_in, 1, 1), (width,), (width,)]
+            shapes += [(width, width, 3, 3), (width,), (width,)]
+            shapes += [(out, width, 1, 1), (out,), (out,)]
+            if b == 0:
+                shapes += [(out, c_in, 1, 1), (out,), (out,)]
+            c_in = out
+    return [*shapes, (1000, 2048), (1000,)]
+
+
+def vit_b16_shapes() -> Shapes:
+    """Parameter shapes of ViT-B/16 (86.6M parameters in 152 tensors)."""
+    d, mlp = 768, 3072
+    shapes: Shapes = [(1, 1, d), (1, 197, d), (d, 3, 16, 16), (d,)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,)]
+        shapes += [(d,), (d,), (mlp, d), (mlp,), (d, mlp), (d,)]
+    return [*shapes, (d,), (d,), (1000, d), (1000,)]
+
+
+def llm_shapes() -> Shapes:
+    """A few large matrices, as in a small language model (about 50M parameters)."""
+    d = 1024
+    return [(8192, d)] + [(4 * d, d), (d, 4 * d), (3 * d, d), (d, d)] * 4 + [(d,)] * 8
+
+
+SHAPE_SETS: dict[str, Callable[[], Shapes]] = {
+    "resnet50": resnet50_shapes,
+    "vit_b16": vit_b16_shapes,
+    "llm": llm_shapes,
+}
+
+
+def candidates() -> dict[str, tuple[str, Callable[[list[torch.Tensor]], Any]]]:
+    """name -> (family, constructor). Families: "adam", "sgd"."""
+    import adamp as reference
+
+    return {
+        "AdamP per-tensor": ("adam", lambda ps: adampx.AdamP(ps, weight_decay=1e-2, foreach=False)),
+        "AdamP multi-tensor": ("adam", lambda ps: adampx.AdamP(ps, weight_decay=1e-2, foreach=True)),
+        "AdamP default": ("adam", lambda ps: adampx.AdamP(ps, weight_decay=1e-2)),
+        "AdamW foreach": ("adam", lambda ps: torch.optim.AdamW(ps, foreach=True)),
+        "AdamW fused": ("adam", lambda ps: torch.optim.AdamW(ps, fused=True)),
+        "reference AdamP": ("adam", lambda ps: reference.AdamP(ps, weight_decay=1e-2)),
+        "SGDP per-tensor": ("sgd", lambda ps: adampx.SGDP(ps, 0.1, 0.9, foreach=False)),
+        "SGDP multi-tensor": ("sgd", lambda ps: adampx.SGDP(ps, 0.1, 0.9, foreach=True)),
+        "SGDP default": ("sgd", lambda ps: adampx.SGDP(ps, 0.1, 0.9)),
+        "SGD foreach": ("sgd", lambda ps: torch.optim.SGD(ps, 0.1, 0.9, foreach=True)),
+        "SGD fused": ("sgd", lambda ps: torch.optim.SGD(ps, 0.1, 0.9, fused=True)),
+        "reference SGDP": ("sgd", lambda ps: reference.SGDP(ps, lr=0.1, momentum=0.9)),
+    }  # fmt: skip
+
+
+FUSED = {"adam": "AdamW fused", "sgd": "SGD fused"}
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of tensors created by operations and still alive; keeps the peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs or {}))[0]
+            if isinstance(t, torch.Tensor)
+        }
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in inputs or key in self._seen or storage.nbytes() == 0:
+                continue
+            self._seen.add(key)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._release, key, storage.nbytes())
+        return out
+
+
+def peak_extra_mib(optimizer: Any) -> float:
+    """Peak MiB of tensors one step creates (the optimizer has stepped before)."""
+    with _LiveBytes() as mode:
+        optimizer.step()
+    return mode.peak / 2**20
+
+
+def measure_set(name: str, rounds: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Interleaved step times and peak memory of every candidate on one shape set."""
+    shapes = SHAPE_SETS[name]()
+    gen = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    runs = {}
+    for label, (family, make) in candidates().items():
+        params = [torch.nn.Parameter(b.clone()) for b in base]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        optimizer = make(params)
+        optimizer.step()  # creates the state; not timed
+        runs[label] = (family, optimizer)
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, (_, optimizer) in runs.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[label].append(time.perf_counter() - start)
+    medians = {label: statistics.median(ts) for label, ts in times.items()}
+    rows = []
+    for label, (family, optimizer) in runs.items():
+        rows.append(
+            {
+                "set": name,
+                "candidate": label,
+                "ms": 1e3 * medians[label],
+                "ratio": medians[label] / medians[FUSED[family]],
+                "mib": peak_extra_mib(optimizer),
+            }
+        )
+    n_params = sum(torch.Size(s).numel() for s in shapes)
+    print(f"\n{name}: {n_params / 1e6:.1f}M parameters in {len(shapes)} tensors, {rounds} rounds")
+    print(f"  {'candidate':<22}{'median ms':>10}{'× fused':>9}{'peak extra MiB':>16}")
+    for r in rows:
+        print(f"  {r['candidate']:<22}{r['ms']:>10.1f}{r['ratio']:>9.2f}{r['mib']:>16.1f}")
+    return rows
+
+
+def end_to_end(rounds: int) -> None:
+    """Forward + backward + step of a ResNet-18 (CIFAR stem), AdamP vs AdamW, interleaved."""
+    from adampx.experiments.models import build_model
+
+    x = torch.randn(64, 3, 32, 32)
+    y = torch.randint(0, 10, (64,))
+    setups = {}
+    for label, make in (
+        ("AdamW", lambda ps: torch.optim.AdamW(ps, weight_decay=1e-2)),
+        ("AdamP", lambda ps: adampx.AdamP(ps, weight_decay=1e-2)),
+    ):
+        torch.manual_seed(0)
+        model = build_model("resnet18", 10, 3, 32)
+        setups[label] = (model, make(model.parameters()))
+    times: dict[str, list[float]] = {label: [] for label in setups}
+    for r in range(rounds + 1):
+        for label, (model, optimizer) in setups.items():
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if r:  # the first round creates the state
+                times[label].append(time.perf_counter() - start)
+    overhead = [100 * (p / w - 1) for p, w in zip(times["AdamP"], times["AdamW"], strict=True)]
+    q = statistics.quantiles(overhead, n=4)
+    print(f"\nend to end, ResNet-18 (CIFAR stem), 32×32, batch 64, {rounds} interleaved rounds")
+    print(f"  AdamW step median {1e3 * statistics.median(times['AdamW']):.0f} ms, "
+          f"AdamP {1e3 * statistics.median(times['AdamP']):.0f} ms")  # fmt: skip
+    print(f"  AdamP overhead: median {statistics.median(overhead):+.1f} %, "
+          f"interquartile {q[0]:+.1f} % to {q[2]:+.1f} %")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sets", nargs="+", default=list(SHAPE_SETS), choices=list(SHAPE_SETS))
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-end-to-end", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"{date.today()}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, adampx {adampx.__version__}"
+    )
+    for name in args.sets:
+        measure_set(name, args.rounds)
+    if not args.no_end_to_end:
+        end_to_end(args.rounds * 2)
+
+
+if __name__ == "__main__":
+    main()
