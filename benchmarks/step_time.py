@@ -84,10 +84,13 @@ def candidates() -> dict[str, tuple[str, Callable[[list[torch.Tensor]], Any]]]:
     """name -> (family, constructor). Families: "adam", "sgd"."""
     import adamp as reference
 
+    def adamp(**kw: Any) -> Callable[[list[torch.Tensor]], Any]:
+        return lambda ps: adampx.AdamP(ps, weight_decay=1e-2, **kw)
+
     return {
-        "AdamP per-tensor": ("adam", lambda ps: adampx.AdamP(ps, weight_decay=1e-2, foreach=False)),
-        "AdamP multi-tensor": ("adam", lambda ps: adampx.AdamP(ps, weight_decay=1e-2, foreach=True)),
-        "AdamP default": ("adam", lambda ps: adampx.AdamP(ps, weight_decay=1e-2)),
+        "AdamP per-tensor": ("adam", adamp(foreach=False)),
+        "AdamP multi-tensor": ("adam", adamp(foreach=True)),
+        "AdamP default": ("adam", adamp()),
         "AdamW foreach": ("adam", lambda ps: torch.optim.AdamW(ps, foreach=True)),
         "AdamW fused": ("adam", lambda ps: torch.optim.AdamW(ps, fused=True)),
         "reference AdamP": ("adam", lambda ps: reference.AdamP(ps, weight_decay=1e-2)),
@@ -154,7 +157,7 @@ def measure_set(name: str, rounds: int, seed: int = 0) -> list[dict[str, Any]]:
     for label, (family, make) in candidates().items():
         params = [torch.nn.Parameter(b.clone()) for b in base]
         for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
+            p.grad = g  # shared by all candidates (no step writes to it): saves memory
         optimizer = make(params)
         optimizer.step()  # creates the state; not timed
         runs[label] = (family, optimizer)
