@@ -81,7 +81,20 @@ class ProjectedOptimizer(Optimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the first bad hyperparameter of ``group``."""
         raise NotImplementedError
+
+    @staticmethod
+    def _check_shared(group: dict[str, Any]) -> None:
+        """The checks of the hyperparameters both optimizers have."""
+        lr_value(group["lr"])
+        check_range("eps", group["eps"], 0.0, float("inf"), low_open=True, high_open=True)
+        check_range("weight_decay", group["weight_decay"], 0.0, float("inf"), high_open=True)
+        check_range("delta", group["delta"], 0.0, float("inf"), high_open=True)
+        check_range("wd_ratio", group["wd_ratio"], 0.0, 1.0, high_open=False)
+        for flag in ("maximize", "projection", "track_statistics"):
+            check_flag(flag, group[flag])
+        check_flag("foreach", group["foreach"], allow_none=True)
 
     @staticmethod
     def _init_state(p: Tensor, state: dict[str, Any]) -> None:
@@ -115,7 +128,7 @@ class ProjectedOptimizer(Optimizer):
         else:
             self._statistics.clear()
         for index, group in enumerate(self.param_groups):
-            params, grads, states = self._gather(group, self._init_state)
+            params, grads, states = self._gather(group)
             if not params:
                 continue
             if not group["track_statistics"]:
@@ -154,12 +167,12 @@ class ProjectedOptimizer(Optimizer):
                     group.setdefault(key, default)
 
     def _gather(
-        self, group: dict[str, Any], init: Callable[[Tensor, dict[str, Any]], None]
+        self, group: dict[str, Any]
     ) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
         """Params of ``group`` that have a gradient, their gradients and states.
 
-        ``init(p, state)`` fills an empty state. Params with ``grad is None`` are skipped and
-        keep their state untouched (a frozen param resumes where it stopped).
+        An empty state is filled by ``_init_state``. Params with ``grad is None`` are skipped
+        and keep their state untouched (a frozen param resumes where it stopped).
         """
         params, grads, states = [], [], []
         name = type(self).__name__
@@ -169,7 +182,7 @@ class ProjectedOptimizer(Optimizer):
             check_param(p, name)
             state = self.state[p]
             if len(state) == 0:
-                init(p, state)
+                self._init_state(p, state)
             params.append(p)
             grads.append(p.grad)
             states.append(state)

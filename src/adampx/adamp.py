@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adampx._optimizer import ProjectedOptimizer, check_flag, check_range, lr_value
+from adampx._optimizer import ProjectedOptimizer, check_flag, check_range
 from adampx._shared_step import Decisions, foreach_project_and_decay_, project_and_decay_
 from adampx._tensors import (
     compute_view,
@@ -96,21 +96,13 @@ class AdamP(ProjectedOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        lr_value(group["lr"])
+        self._check_shared(group)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
         check_range("beta1 (betas[0])", betas[0], 0.0, 1.0, high_open=True)
         check_range("beta2 (betas[1])", betas[1], 0.0, 1.0, high_open=True)
-        check_range("eps", group["eps"], 0.0, float("inf"), low_open=True, high_open=True)
-        check_range("weight_decay", group["weight_decay"], 0.0, float("inf"), high_open=True)
-        check_range("delta", group["delta"], 0.0, float("inf"), high_open=True)
-        check_range("wd_ratio", group["wd_ratio"], 0.0, 1.0, high_open=False)
         check_flag("nesterov", group["nesterov"])
-        check_flag("maximize", group["maximize"])
-        check_flag("projection", group["projection"])
-        check_flag("track_statistics", group["track_statistics"])
-        check_flag("foreach", group["foreach"], allow_none=True)
 
     @staticmethod
     def _init_state(p: Tensor, state: dict[str, Any]) -> None:

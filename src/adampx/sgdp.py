@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from adampx._optimizer import ProjectedOptimizer, check_flag, check_range, lr_value
+from adampx._optimizer import ProjectedOptimizer, check_flag, check_range
 from adampx._shared_step import Decisions, foreach_project_and_decay_, project_and_decay_
 from adampx._tensors import compute_view, group_by_device_and_dtype, real, write_back_, zeros_state
 from adampx.adamp import default_foreach
@@ -89,23 +89,15 @@ class SGDP(ProjectedOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        lr_value(group["lr"])
+        self._check_shared(group)
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_range("dampening", group["dampening"], 0.0, 1.0, high_open=False)
-        check_range("weight_decay", group["weight_decay"], 0.0, float("inf"), high_open=True)
         check_flag("nesterov", group["nesterov"])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(
                 "Invalid nesterov: Nesterov momentum requires momentum > 0 and dampening = 0 "
                 f"(got momentum={group['momentum']}, dampening={group['dampening']})"
             )
-        check_range("eps", group["eps"], 0.0, float("inf"), low_open=True, high_open=True)
-        check_range("delta", group["delta"], 0.0, float("inf"), high_open=True)
-        check_range("wd_ratio", group["wd_ratio"], 0.0, 1.0, high_open=False)
-        check_flag("maximize", group["maximize"])
-        check_flag("projection", group["projection"])
-        check_flag("track_statistics", group["track_statistics"])
-        check_flag("foreach", group["foreach"], allow_none=True)
 
     @staticmethod
     def _init_state(p: Tensor, state: dict[str, Any]) -> None:
