@@ -104,9 +104,15 @@ class Settings:
         return s
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that shape the numbers (a resumed run must match them)."""
+        """The settings that shape the numbers (a resumed run must match them).
+
+        ``world_size`` is the number of torchrun processes: each trains on its share of every
+        batch-size-per-process epoch, so 1 and 2 processes give different numbers.
+        """
         keys = ("dataset", "model", "epochs", "batch_size", "image_size")
-        return {k: getattr(self, k) for k in keys}
+        fingerprint: dict[str, Any] = {k: getattr(self, k) for k in keys}
+        fingerprint["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+        return fingerprint
 
 
 def _check_names(kind: str, names: list[str], valid: tuple[str, ...]) -> None:
