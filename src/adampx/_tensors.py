@@ -78,6 +78,33 @@ def group_by_device_and_dtype(tensors: list[Tensor]) -> dict[tuple[str, torch.dt
     return groups
 
 
+def replicated(t: Tensor) -> Tensor:
+    """A plain tensor from a (possibly sharded) DTensor: its full value on every rank."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def local_rows(param: Tensor) -> tuple[int, int]:
+    """First global row and row count of this rank's shard of a DTensor ``param``."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape,
+        param.device_mesh,  # type: ignore[attr-defined]
+        param.placements,  # type: ignore[attr-defined]
+    )
+    return offset[0], shape[0]
+
+
+def like_param(t: Tensor, param: Tensor) -> Tensor:
+    """``t`` (a plain tensor) made usable beside ``param``: a replicated DTensor for a DTensor."""
+    if not hasattr(param, "device_mesh"):
+        return t
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = param.device_mesh
+    return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
 def step_tensor(p: Tensor, value: float = 0.0) -> Tensor:
     """The per-param step counter: a 0-d float32 tensor on the param's device.
 

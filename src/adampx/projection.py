@@ -21,6 +21,11 @@ ever travels from the device to the host (no synchronisation, no graph break und
 The computation is split so that a sharded caller can reduce the per-row statistics
 globally: :func:`row_statistics` → :func:`decide` → :func:`projection_coefficients` →
 :func:`apply_projection_`.
+
+Sharded params (FSDP2's DTensors) work as they are: the per-row statistics (vectors of
+``n0`` numbers) are gathered in full on every rank, so every rank takes the decision of
+the whole tensor, exactly as one process would, also for ranks whose shard is empty. The
+gathers are per tensor today (a few small collectives per tested tensor and step).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from adampx._tensors import like_param, local_rows, replicated
 
 __all__ = [
     "Decision",
@@ -114,10 +121,10 @@ def row_statistics(p: Tensor, g: Tensor) -> RowStatistics:
     """
     dims = _row_dims(p)
     return RowStatistics(
-        gp=_row_dot(g, p),
+        gp=replicated(_row_dot(g, p)),
         # norms reduce in one pass without a temporary (faster than a product and a sum)
-        g_norm=torch.linalg.vector_norm(g, dim=dims),
-        p_norm=torch.linalg.vector_norm(p, dim=dims),
+        g_norm=replicated(torch.linalg.vector_norm(g, dim=dims)),
+        p_norm=replicated(torch.linalg.vector_norm(p, dim=dims)),
         row_length=p.numel() // p.shape[0],
     )
 
@@ -168,7 +175,7 @@ def projection_coefficients(
     Returns:
         Tensor of shape ``[n0]`` in ``u``'s dtype.
     """
-    pu = _row_dot(p, u)
+    pu = replicated(_row_dot(p, u))
     zero = torch.zeros_like(pu)
     channel_coef = pu / (stats.p_norm + eps).square()
     layer_coef = pu.sum() / (_whole_norm(stats.p_norm) + eps).square()
@@ -179,6 +186,11 @@ def projection_coefficients(
 def apply_projection_(p: Tensor, u: Tensor, coefficients: Tensor) -> Tensor:
     """In place ``u_i ← u_i − c_i p_i`` for every row ``i``; returns ``u``."""
     shape = (-1,) + (1,) * (p.dim() - 1)
+    if hasattr(p, "to_local"):  # a DTensor: each rank updates its own rows
+        start, count = local_rows(p)
+        rows = coefficients[start : start + count].view(shape)
+        u.to_local().addcmul_(p.to_local(), rows, value=-1)  # type: ignore[attr-defined]
+        return u
     return u.addcmul_(p, coefficients.view(shape), value=-1)
 
 
@@ -204,4 +216,4 @@ def project_(
     apply_projection_(p, u, projection_coefficients(p, u, stats, decision, eps))
     one = torch.ones((), dtype=u.dtype, device=u.device)
     r = torch.where(decision.fired, torch.full_like(one, wd_ratio), one)
-    return r, decision
+    return like_param(r, p), decision

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from adampx._shared_step import Decisions
-from adampx._tensors import HALF_DTYPES
+from adampx._tensors import HALF_DTYPES, replicated
 
 __all__ = ["StatisticsRecorder", "TensorStatistics"]
 
@@ -127,7 +127,7 @@ class StatisticsRecorder:
                     channel_threshold=d.channel_threshold if d is not None else nan,
                     layer_threshold=d.layer_threshold if d is not None else nan,
                     lr=_captured(group["lr"]),
-                    values=torch.stack([*tested_values, norm, update]),
+                    values=torch.stack([replicated(v) for v in (*tested_values, norm, update)]),
                 )
             )
 
