@@ -162,3 +162,54 @@ def test_sharded_training_equals_one_process(
             assert views == ref_views, key
     fired = [v for step in reference[("adamp", False)][1] for v in step.values()]
     assert "channel" in fired and "layer" in fired  # the comparison is not vacuous
+
+
+def _dcp_worker(rank: int, world: int, store: str, phase: str, ckpt: str, out: str) -> None:
+    """Phase "save": 2 steps, then a DCP checkpoint; phase "load": load it, 3 more steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = make_model()
+        fully_shard(model)
+        opt = CONFIGS["adamp"](model.parameters(), False)
+        if phase == "save":
+            train(model, opt, 2, torch.float64)
+            model_sd, optim_sd = get_state_dict(model, opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
+        else:
+            model_sd, optim_sd = get_state_dict(model, opt)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=ckpt)
+            set_state_dict(
+                model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            )
+            for i in range(2, STEPS):  # the batches the uninterrupted run saw next
+                x, y = batch(i, torch.float64)
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            params = [full(p).detach().clone() for p in model.parameters()]
+            if rank == 0:
+                torch.save(params, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.slow
+def test_dcp_checkpoint_resumes_on_another_number_of_ranks(
+    tmp_path: Path, reference: dict[Any, Any]
+) -> None:
+    """Saved with torch.distributed.checkpoint on 2 ranks, resumed on 3: as if uninterrupted."""
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "params.pt")
+    for phase, world in (("save", 2), ("load", 3)):
+        store = str(tmp_path / f"{phase}.store")
+        mp.spawn(_dcp_worker, args=(world, store, phase, ckpt, out), nprocs=world, join=True)
+    params = torch.load(out, weights_only=True)
+    for i, (p, r) in enumerate(zip(params, reference[("adamp", False)][0], strict=True)):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12, msg=f"param {i}")
