@@ -83,7 +83,8 @@ def _worker(rank: int, world: int, store: str, scheme: str, out: str) -> None:
         results = {}
         for name, make in CONFIGS.items():
             for foreach in (False, True):
-                model = make_model()
+                dtype, steps = (torch.float32, 1) if scheme == "fsdp32" else (torch.float64, STEPS)
+                model = make_model(dtype)
                 if scheme == "ddp":
                     net: nn.Module = nn.parallel.DistributedDataParallel(model)
                     opt = make(model.parameters(), foreach)
@@ -107,7 +108,7 @@ def _worker(rank: int, world: int, store: str, scheme: str, out: str) -> None:
                     cls = AdamP if name == "adamp" else SGDP
                     kwargs = make([torch.zeros(1, requires_grad=True)], foreach).defaults
                     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
-                views = train(net, opt, STEPS, torch.float64)
+                views = train(net, opt, steps, dtype)
                 if scheme == "zero":
                     views = []  # each rank's local optimizer sees only its own params
                 params = [full(p).detach().clone() for p in model.parameters()]
@@ -129,12 +130,12 @@ def run_scheme(scheme: str, world: int, tmp_path: Path) -> dict[Any, Any]:
     return torch.load(out, weights_only=False)
 
 
-def single_process() -> dict[Any, Any]:
+def single_process(dtype: torch.dtype = torch.float64, steps: int = STEPS) -> dict[Any, Any]:
     results = {}
     for name, make in CONFIGS.items():
         for foreach in (False, True):
-            model = make_model()
-            views = train(model, make(model.parameters(), foreach), STEPS, torch.float64)
+            model = make_model(dtype)
+            views = train(model, make(model.parameters(), foreach), steps, dtype)
             results[(name, foreach)] = ([p.detach().clone() for p in model.parameters()], views)
     return results
 
@@ -162,6 +163,18 @@ def test_sharded_training_equals_one_process(
             assert views == ref_views, key
     fired = [v for step in reference[("adamp", False)][1] for v in step.values()]
     assert "channel" in fired and "layer" in fired  # the comparison is not vacuous
+
+
+@pytest.mark.slow
+def test_float32_step_agrees_to_a_few_ulp(tmp_path: Path) -> None:
+    """One float32 step under FSDP2 (3 ranks) on the gradients of one process."""
+    results = run_scheme("fsdp32", 3, tmp_path)
+    reference = single_process(torch.float32, 1)
+    for key, (params, views) in results.items():
+        for i, (p, r) in enumerate(zip(params, reference[key][0], strict=True)):
+            # a few float32 ulp (2^-23 ≈ 1.2e-7): sums over shards round in another order
+            torch.testing.assert_close(p, r, rtol=5e-7, atol=1e-7, msg=f"{key} param {i}")
+        assert views == reference[key][1], key
 
 
 def _dcp_worker(rank: int, world: int, store: str, phase: str, ckpt: str, out: str) -> None:

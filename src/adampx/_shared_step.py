@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from adampx.projection import Decision, is_projectable, project_
+from adampx.sharded import batched_projection_supported, project_sharded_
 
 # Where a caller wants them (optimizer statistics), the decisions of the scale-invariance test,
 # keyed by the parameter as the user holds it.
@@ -71,11 +72,20 @@ def foreach_project_and_decay_(
 ) -> None:
     """:func:`project_and_decay_` for lists of tensors of one device and dtype."""
     tested = [k for k, param in enumerate(params) if projection and is_projectable(param)]
-    ratios = []
-    for k in tested:
-        r, decision = project_(ps[k], gs[k], us[k], delta=delta, wd_ratio=wd_ratio, eps=eps)
-        ratios.append(r)
-        if decisions is not None:
+    tested_ps = [ps[k] for k in tested]
+    if batched_projection_supported(tested_ps) and not tested_ps[0].is_complex():
+        # sharded (FSDP2): all tensors at once, two collectives in all
+        results = project_sharded_(
+            tested_ps, [gs[k] for k in tested], [us[k] for k in tested],
+            delta=delta, wd_ratio=wd_ratio, eps=eps,
+        )  # fmt: skip
+    else:
+        results = [
+            project_(ps[k], gs[k], us[k], delta=delta, wd_ratio=wd_ratio, eps=eps) for k in tested
+        ]
+    ratios = [r for r, _ in results]
+    if decisions is not None:
+        for k, (_, decision) in zip(tested, results, strict=True):
             decisions[params[k]] = decision
     if weight_decay == 0:
         return

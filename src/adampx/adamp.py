@@ -33,6 +33,7 @@ from adampx._tensors import (
     write_back_,
     zeros_state,
 )
+from adampx.sharded import batched_projection_supported
 
 __all__ = ["AdamP", "adamp"]
 
@@ -145,8 +146,12 @@ def default_foreach(params: list[Tensor]) -> bool:
 
     Multi-tensor on accelerators (CUDA, XPU), where it saves kernel launches; per-tensor on
     the CPU, where torch's foreach kernels are per-tensor loops and the extra temporaries
-    make the multi-tensor path slower. Tensor subclasses (DTensor, ...) get the per-tensor path.
+    make the multi-tensor path slower. FSDP2's sharded params (DTensors on a 1-D mesh) get the
+    multi-tensor path, which gathers the row statistics of all tensors in two collectives
+    (``adampx.sharded``); other tensor subclasses get the per-tensor path.
     """
+    if batched_projection_supported(params):
+        return True  # FSDP2 shards: the multi-tensor path batches the collectives
     return all(
         type(p) in (Tensor, torch.nn.Parameter) and p.device.type in ("cuda", "xpu") for p in params
     )

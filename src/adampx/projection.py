@@ -175,12 +175,27 @@ def projection_coefficients(
     Returns:
         Tensor of shape ``[n0]`` in ``u``'s dtype.
     """
-    pu = replicated(_row_dot(p, u))
+    return coefficients_from_row_dots(replicated(_row_dot(p, u)), stats, decision, eps)
+
+
+def coefficients_from_row_dots(
+    pu: Tensor, stats: RowStatistics, decision: Decision, eps: float
+) -> Tensor:
+    """:func:`projection_coefficients` from the row dot products ``pu_i = p_i·u_i``."""
     zero = torch.zeros_like(pu)
     channel_coef = pu / (stats.p_norm + eps).square()
     layer_coef = pu.sum() / (_whole_norm(stats.p_norm) + eps).square()
     layer_coef = torch.where(decision.layer, layer_coef.expand_as(pu), zero)
     return torch.where(decision.channel, channel_coef, layer_coef)
+
+
+def decay_ratio(decision: Decision, wd_ratio: float, like: Tensor) -> Tensor:
+    """The weight-decay multiplier ``r``: ``wd_ratio`` where the projection fired, else 1.
+
+    A 0-d tensor of ``like``'s dtype and device (no host sync).
+    """
+    one = torch.ones((), dtype=like.dtype, device=like.device)
+    return torch.where(decision.fired, torch.full_like(one, wd_ratio), one)
 
 
 def apply_projection_(p: Tensor, u: Tensor, coefficients: Tensor) -> Tensor:
@@ -214,6 +229,4 @@ def project_(
     stats = row_statistics(p, g)
     decision = decide(stats, delta, eps)
     apply_projection_(p, u, projection_coefficients(p, u, stats, decision, eps))
-    one = torch.ones((), dtype=u.dtype, device=u.device)
-    r = torch.where(decision.fired, torch.full_like(one, wd_ratio), one)
-    return like_param(r, p), decision
+    return like_param(decay_ratio(decision, wd_ratio, u), p), decision
