@@ -600,15 +600,19 @@ def test_claims_loss_from_weight_decay_needs_two_seeds() -> None:
 # ---------------------------------------------------------------------------- distributed
 
 
+TORCHRUN_RESULTS: dict[str, list[dict[str, Any]]] = {}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-def test_torchrun_two_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_torchrun_two_processes(tmp_path: Path, parallel: str) -> None:
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "adampx", "reproduce", "--tasks", "classification", "--optimizers", "AdamP",
-        *TINY, "--out", str(out),
+        *TINY, "--out", str(out), "--parallel", parallel,
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180, check=False
@@ -630,3 +634,9 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert proc.stdout.count("report: ") == 1
     assert proc.stdout.count("classification: norm of the scale-invariant weights") == 1
     assert (out / "report.md").is_file()
+    # DDP and FSDP2 train the same model on the same data: the same numbers (to rounding)
+    TORCHRUN_RESULTS[parallel] = runs
+    if len(TORCHRUN_RESULTS) == 2:
+        for a, b in zip(TORCHRUN_RESULTS["ddp"], TORCHRUN_RESULTS["fsdp2"], strict=True):
+            assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-9)
+            assert a["norm_end"] == pytest.approx(b["norm_end"], rel=1e-5)

@@ -58,6 +58,11 @@ def _reproduce_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     )
     p.add_argument("--overwrite", action="store_true", help="start over in an --out with results")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument(
+        "--parallel",
+        default="ddp",
+        help="under torchrun: ddp (default) or fsdp2 (sharded params and state)",
+    )
 
 
 def _demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -107,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         workers=args.workers,
+        parallel=args.parallel,
     )
     try:
         reproduce(settings)

@@ -28,6 +28,8 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
+from adampx._tensors import replicated
+
 __all__ = ["NormMonitor", "NormRecord", "read_records"]
 
 
@@ -113,13 +115,12 @@ class NormMonitor:
         self.steps += 1
         after = [p.detach() for _, p in self.params]
         diffs = [a - b for a, b in zip(after, self._before, strict=True)]
-        values = torch.stack(
-            [
-                torch.stack(list(torch._foreach_norm(after))).double().cpu(),
-                torch.stack(list(torch._foreach_norm(diffs))).double().cpu(),
-                torch.stack(list(torch._foreach_norm(self._before))).double().cpu(),
-            ]
-        ).tolist()
+
+        def norms(tensors: list[Tensor]) -> Tensor:
+            # sharded params (FSDP2) give sharded norms: take their full value
+            return torch.stack([replicated(n).double().cpu() for n in torch._foreach_norm(tensors)])
+
+        values = torch.stack([norms(after), norms(diffs), norms(self._before)]).tolist()
         self._before = None
         batch = []
         for (name, p), norm, dnorm, norm_before in zip(self.params, *values, strict=True):

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 import adampx
+from adampx._tensors import replicated
 from adampx.experiments.data import DataSplits
 from adampx.experiments.models import build_model
 from adampx.monitor import NormMonitor, NormRecord
@@ -97,9 +98,9 @@ def _curve(records: list[NormRecord]) -> list[dict[str, float]]:
 
 
 def _invariant_norm(model: nn.Module, names: set[str]) -> float:
-    squares = [
-        p.detach().double().square().sum() for n, p in model.named_parameters() if n in names
-    ]
+    params = [p for n, p in model.named_parameters() if n in names]
+    # sharded params (FSDP2) give sharded sums: take their full value
+    squares = [replicated(p.detach().double().square().sum()).cpu() for p in params]
     return float(torch.stack(squares).sum().sqrt()) if squares else float("nan")
 
 
@@ -116,12 +117,14 @@ def train_classifier(
     invariant: set[str] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     workers: int = 0,
+    parallel: str = "ddp",
 ) -> RunResult:
     """Train ``model_name`` on ``data`` with ``optimizer_name`` and return what it measured.
 
     Under ``torchrun`` (an initialised process group) the model is wrapped in
-    ``DistributedDataParallel`` and each rank trains on its shard of every epoch; the test
-    accuracy is computed on the whole test set by every rank.
+    ``DistributedDataParallel`` (or sharded with FSDP2's ``fully_shard``) and each rank
+    trains on its shard of every epoch; the test accuracy is computed on the whole test set
+    by every rank.
 
     Args:
         data: the dataset splits.
@@ -134,6 +137,8 @@ def train_classifier(
         invariant: names of the scale-invariant weights (found with ``inspect`` if None).
         progress: called as ``progress(step, total_steps, loss)`` after every step.
         workers: DataLoader worker processes.
+        parallel: under torchrun, ``"ddp"`` (DistributedDataParallel) or ``"fsdp2"``
+            (``fully_shard``: params, gradients and optimizer state sharded over the ranks).
     """
     make_optimizer, default_wd = OPTIMIZERS[optimizer_name]
     weight_decay = default_wd if weight_decay_on else 0.0
@@ -155,7 +160,11 @@ def train_classifier(
         drop_last=False,
     )
     net: nn.Module = model
-    if distributed:
+    if distributed and parallel == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)  # in place: params become DTensors sharded on dim 0
+    elif distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=None)
     optimizer = make_optimizer(model.parameters(), weight_decay)
     total = epochs * len(loader)

@@ -79,6 +79,7 @@ class Settings:
     resume: bool = False
     overwrite: bool = False
     workers: int = 0
+    parallel: str = "ddp"
 
     def resolved(self) -> Settings:
         """Fill the suite's defaults and check every name; raise :class:`SettingsError`."""
@@ -87,6 +88,7 @@ class Settings:
         _check_names("task", self.tasks, TASKS)
         _check_names("optimizer", self.optimizers, tuple(OPTIMIZERS))
         _check_names("dataset", [self.dataset], DATASETS)
+        _check_names("parallel mode", [self.parallel], ("ddp", "fsdp2"))
         model, batch, quick_epochs, full_epochs = DATASET_DEFAULTS[self.dataset]
         s = Settings(**asdict(self))
         s.model = self.model or model
@@ -404,6 +406,7 @@ def _run_one(
             invariant=invariant,
             progress=progress.start_run(spec.run_id.split("/", 3)[-1], 1),
             workers=s.workers,
+            parallel=s.parallel,
         )
         record = {
             "run_id": spec.run_id,
