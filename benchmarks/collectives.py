@@ -5,12 +5,15 @@
 
 Builds a ResNet-18 (CIFAR stem), shards it with ``fully_shard``, takes one step (to create
 the state), then counts the collectives of the next ``optimizer.step()`` alone (not the
-forward/backward) per kind, and the bytes of the row statistics gathered, from the shapes.
+forward/backward) per kind with ``CommDebugMode``, and the bytes adampx all-reduces (by
+wrapping ``torch.distributed.all_reduce``).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +22,16 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 import adampx
 from adampx.experiments.models import build_model
+
+
+def _counting(all_reduce: Callable[..., Any], sent: list[int]) -> Callable[..., Any]:
+    """``all_reduce`` that also records the bytes of every tensor it reduces."""
+
+    def wrapper(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        sent.append(tensor.numel() * tensor.element_size())
+        return all_reduce(tensor, *args, **kwargs)
+
+    return wrapper
 
 
 def main() -> None:
@@ -39,24 +52,28 @@ def main() -> None:
         fully_shard(model)
         opt = make(model.parameters())
         x = torch.randn(8, 3, 32, 32, device=device)
+        sent: list[int] = []
+        all_reduce = dist.all_reduce
         for counted in (False, True):
             opt.zero_grad()
             model(x).square().mean().backward()
             if not counted:
                 opt.step()
                 continue
-            with CommDebugMode() as comm:
-                opt.step()
-        tested = [p for p in model.parameters() if p.dim() > 1]
-        # per tested tensor: g·p, ‖g_i‖, ‖p_i‖ and p·u gathered as n0-vectors
-        row_bytes = sum(4 * p.shape[0] * p.element_size() for p in tested)
+            dist.all_reduce = _counting(all_reduce, sent)  # type: ignore[assignment]
+            try:
+                with CommDebugMode() as comm:
+                    opt.step()
+            finally:
+                dist.all_reduce = all_reduce
+        tested = sum(1 for p in model.parameters() if p.dim() > 1)
         if dist.get_rank() == 0:
             counts = {str(k).split(".")[-1]: v for k, v in comm.get_comm_counts().items()}
             print(
-                f"{name}: world {dist.get_world_size()}, {len(tested)} tested tensors of "
+                f"{name}: world {dist.get_world_size()}, {tested} tested tensors of "
                 f"{sum(1 for _ in model.parameters())}; collectives in one step: "
-                f"{sum(counts.values())} {counts}; row statistics gathered: "
-                f"{row_bytes / 1024:.1f} KiB per rank"
+                f"{sum(counts.values())} {counts}; all-reduced by adampx: "
+                f"{sum(sent) / 1024:.1f} KiB in {len(sent)} calls"
             )
     dist.destroy_process_group()
 

@@ -148,7 +148,15 @@ def reference() -> dict[Any, Any]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "scheme, world",
-    [("ddp", 2), ("fsdp", 2), ("fsdp", 3), ("fsdp_shard1", 2), ("zero", 2)],
+    [
+        ("ddp", 2),
+        ("ddp", 3),
+        ("fsdp", 2),
+        ("fsdp", 3),
+        ("fsdp_shard1", 2),
+        ("zero", 2),
+        ("zero", 3),
+    ],
 )
 def test_sharded_training_equals_one_process(
     scheme: str, world: int, tmp_path: Path, reference: dict[Any, Any]
