@@ -80,7 +80,8 @@ def _worker(rank: int, world: int, store: str, scheme: str, out: str) -> None:
     # a file store: no port to race for
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        results = {}
+        results: dict[Any, Any] = {}
+        collectives: dict[str, int] = {}
         for name, make in CONFIGS.items():
             for foreach in (False, True):
                 dtype, steps = (torch.float32, 1) if scheme == "fsdp32" else (torch.float64, STEPS)
@@ -113,8 +114,20 @@ def _worker(rank: int, world: int, store: str, scheme: str, out: str) -> None:
                     views = []  # each rank's local optimizer sees only its own params
                 params = [full(p).detach().clone() for p in model.parameters()]
                 results[(name, foreach)] = (params, views)
+                if scheme.startswith("fsdp") and foreach:
+                    # one more step, counted: the batched projection's all-reduces
+                    from torch.distributed.tensor.debug import CommDebugMode
+
+                    for group in opt.param_groups:  # statistics gather norms: leave them out
+                        group["track_statistics"] = False
+                    x, y = batch(steps, dtype)
+                    opt.zero_grad()
+                    nn.functional.cross_entropy(net(x), y).backward()
+                    with CommDebugMode() as comm:
+                        opt.step()
+                    collectives[name] = comm.get_total_counts()
         if rank == 0:
-            torch.save(results, out)
+            torch.save((results, collectives), out)
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
@@ -123,7 +136,7 @@ def _worker(rank: int, world: int, store: str, scheme: str, out: str) -> None:
     os._exit(0)
 
 
-def run_scheme(scheme: str, world: int, tmp_path: Path) -> dict[Any, Any]:
+def run_scheme(scheme: str, world: int, tmp_path: Path) -> tuple[dict[Any, Any], dict[str, int]]:
     out = str(tmp_path / f"{scheme}-{world}.pt")
     store = str(tmp_path / f"{scheme}-{world}.store")
     mp.spawn(_worker, args=(world, store, scheme, out), nprocs=world, join=True)
@@ -161,8 +174,10 @@ def reference() -> dict[Any, Any]:
 def test_sharded_training_equals_one_process(
     scheme: str, world: int, tmp_path: Path, reference: dict[Any, Any]
 ) -> None:
-    results = run_scheme(scheme, world, tmp_path)
+    results, collectives = run_scheme(scheme, world, tmp_path)
     assert set(results) == set(reference)
+    if scheme.startswith("fsdp"):  # sharded: the whole step's projection in two all-reduces
+        assert collectives == {"adamp": 2, "sgdp": 2}
     for key, (params, views) in results.items():
         ref_params, ref_views = reference[key]
         for i, (p, r) in enumerate(zip(params, ref_params, strict=True)):
@@ -176,7 +191,7 @@ def test_sharded_training_equals_one_process(
 @pytest.mark.slow
 def test_float32_step_agrees_to_a_few_ulp(tmp_path: Path) -> None:
     """One float32 step under FSDP2 (3 ranks) on the gradients of one process."""
-    results = run_scheme("fsdp32", 3, tmp_path)
+    results, _ = run_scheme("fsdp32", 3, tmp_path)
     reference = single_process(torch.float32, 1)
     for key, (params, views) in results.items():
         for i, (p, r) in enumerate(zip(params, reference[key][0], strict=True)):
