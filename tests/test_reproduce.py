@@ -251,8 +251,26 @@ def test_suite_results_follow_the_schema(suite: Path) -> None:
             table_wd = OPTIMIZERS[run["optimizer"]][1]
             expected_wd = table_wd if run["run_id"].split("/")[4] == "wd=on" else 0.0
             assert run["weight_decay"] == expected_wd
-            assert isinstance(curve, list) and curve
-            assert {"step", "norm", "relative_update", "effective_step"} <= set(curve[0])
+            assert set(curve) == {"curve", "layers", "views"}
+            assert isinstance(curve["curve"], list) and curve["curve"]
+            assert {"step", "norm", "relative_update", "effective_step"} <= set(curve["curve"][0])
+            # per-layer records at the first and the last logged step, the same layers in both
+            first, last = curve["curve"][0]["step"], curve["curve"][-1]["step"]
+            by_step: dict[int, set[str]] = {}
+            for rec in curve["layers"]:
+                by_step.setdefault(rec["step"], set()).add(rec["name"])
+            assert set(by_step) == {first, last} and by_step[first] == by_step[last]
+            # the projected optimizers report which view fired for every tested tensor
+            if run["optimizer"].endswith("P"):
+                assert curve["views"] and {v for _, v in curve["views"]} <= {
+                    "channel",
+                    "layer",
+                    "none",
+                    "skipped",
+                }
+                assert "channel" in {v for _, v in curve["views"]}
+            else:
+                assert curve["views"] == []
         else:
             assert run["test_accuracy"] is None and run["epochs"] is None
             assert run["train_loss"] is None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -57,7 +57,12 @@ OPTIMIZERS: dict[str, tuple[Callable[[Params, float], torch.optim.Optimizer], fl
 
 @dataclass
 class RunResult:
-    """What one classification run measured (``curve``: per logged step, see below)."""
+    """What one classification run measured.
+
+    ``curve``: per logged step, the total norm and median step sizes of the scale-invariant
+    weights; ``layers``: per-layer ``NormRecord`` fields at the first and last logged step;
+    ``views``: ``[step, view]`` of every tensor AdamP/SGDP tested at the logged steps.
+    """
 
     test_accuracy: float
     train_loss: float
@@ -67,6 +72,8 @@ class RunResult:
     seconds: float
     steps: int
     curve: list[dict[str, float]] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    views: list[list[Any]] = field(default_factory=list)
 
 
 def scale_invariant_names(model: nn.Module, data: DataSplits, device: torch.device) -> set[str]:
@@ -173,6 +180,7 @@ def train_classifier(
     every = max(1, total // 100)
     start = time.perf_counter()
     step, loss = 0, torch.tensor(float("nan"))
+    views: list[list[Any]] = []
     with NormMonitor(model, optimizer, every=every, track=lambda n, p: n in invariant) as monitor:
         for epoch in range(epochs):
             if sampler is not None:
@@ -182,7 +190,11 @@ def train_classifier(
                 optimizer.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(net(x.to(device)), y.to(device))
                 loss.backward()
+                logged = (step + 1) % every == 0 and hasattr(optimizer, "statistics")
+                _track_statistics(optimizer, logged)  # AdamP / SGDP: only on logged steps
                 optimizer.step()
+                if logged:
+                    views += [[step + 1, s.view] for s in optimizer.statistics()]  # type: ignore[attr-defined]
                 scheduler.step()
                 step += 1
                 if progress is not None and (step % 10 == 0 or step == total):
@@ -198,7 +210,23 @@ def train_classifier(
         seconds=seconds,
         steps=step,
         curve=_curve(monitor.records),
+        layers=_first_and_last(monitor.records),
+        views=views,
     )
+
+
+def _track_statistics(optimizer: torch.optim.Optimizer, on: bool) -> None:
+    for group in optimizer.param_groups:
+        if "track_statistics" in group:
+            group["track_statistics"] = on
+
+
+def _first_and_last(records: list[NormRecord]) -> list[dict[str, Any]]:
+    """The per-layer records of the first and the last logged step (for norm-growth bars)."""
+    if not records:
+        return []
+    ends = (records[0].step, records[-1].step)
+    return [asdict(r) for r in records if r.step in ends]
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from adampx.experiments import toys
@@ -268,6 +269,13 @@ def _classification(out: Path, runs: list[dict[str, Any]], settings: Any) -> lis
         "",
         "![norm curves](classification_norms.png)",
         "",
+        "Per layer (one seed, with weight decay), and how many of the tested tensors "
+        "AdamP and SGDP projected at the logged steps:",
+        "",
+        "![per-layer norm growth](classification_layers.png)",
+        "",
+        "![fraction projected](classification_projected.png)",
+        "",
         "### Test accuracy",
         "",
         "| optimizer | weight decay | seeds | mean (%) | std | 95 % CI ± |",
@@ -304,8 +312,8 @@ def _classification_figures(
         for r in runs:
             if (r["weight_decay"] > 0) == wd_on:
                 c = _load_curve(out, r)
-                if c:
-                    curves[r["optimizer"]].append(c)
+                if c and c["curve"]:
+                    curves[r["optimizer"]].append(c["curve"])
         for opt, cs in curves.items():
             n = min(len(c) for c in cs)
             steps = [cs[0][i]["step"] for i in range(n)]
@@ -323,6 +331,8 @@ def _classification_figures(
     fig.savefig(out / "classification_norms.png", dpi=110)
     plt.close(fig)
 
+    _per_layer_figures(out, runs)
+
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [f"{r['optimizer']}\n{'wd' if r['weight_decay_on'] else 'no wd'}" for r in rows]
     errors = [0 if math.isnan(r["acc_ci95"]) else r["acc_ci95"] for r in rows]
@@ -335,6 +345,35 @@ def _classification_figures(
     fig.tight_layout()
     fig.savefig(out / "classification_accuracy.png", dpi=110)
     plt.close(fig)
+
+
+def _per_layer_figures(out: Path, runs: list[dict[str, Any]]) -> None:
+    """Per-layer norm growth and the fraction projected, through ``adampx.plots``.
+
+    One run per optimizer: weight decay on, the lowest seed.
+    """
+    from adampx.monitor import NormRecord
+    from adampx.plots import plot_norm_growth, plot_projection_fraction
+
+    chosen: dict[str, dict[str, Any]] = {}
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        if r["weight_decay"] > 0:
+            chosen.setdefault(r["optimizer"], r)
+    layers, views = {}, {}
+    for opt, r in chosen.items():
+        c = _load_curve(out, r)
+        if not c:
+            continue
+        layers[opt] = [NormRecord(**rec) for rec in c["layers"]]
+        if c["views"]:
+            views[opt] = [SimpleNamespace(step=s, view=v) for s, v in c["views"]]
+    seed = "weight decay on, one seed"
+    if layers:
+        title = f"norm growth of each scale-invariant weight ({seed})"
+        plot_norm_growth(layers, out / "classification_layers.png", title=title)
+    if views:
+        title = f"tensors projected among those tested ({seed})"
+        plot_projection_fraction(views, out / "classification_projected.png", title=title)
 
 
 def _paper_table() -> list[str]:

@@ -19,7 +19,9 @@ in ``OUT/curves/``. Ctrl-C keeps the finished runs; ``--resume`` skips them. The
 
 ``norm_*`` is the norm of the scale-invariant weights (toys: ``‖w‖``); ``final_error`` is the
 toys' final angle to the optimum in degrees (2-D) or Rosenbrock value (3-D); ``curve`` is the
-path of the run's curve file, relative to ``OUT``.
+path of the run's curve file, relative to ``OUT`` (toys: ``norms``, ``errors``, ``path`` per
+step; classification: ``curve``, ``layers``, ``views``, see
+``adampx.experiments.classification.RunResult``).
 """
 
 from __future__ import annotations
@@ -427,7 +429,7 @@ def _run_one(
             "final_error": None,
             "curve": curve_rel,
         }
-        payload = result.curve
+        payload = {"curve": result.curve, "layers": result.layers, "views": result.views}
     if not _is_distributed() or torch.distributed.get_rank() == 0:
         _write_json(curve_path, payload)
     return record
