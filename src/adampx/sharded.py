@@ -24,6 +24,7 @@ from adampx._tensors import like_param, local_rows
 from adampx.projection import (
     Decision,
     RowStatistics,
+    _row_dot,
     coefficients_from_row_dots,
     decay_ratio,
     decide,
@@ -47,13 +48,6 @@ def batched_projection_supported(params: list[Tensor]) -> bool:
         and p.device_mesh is params[0].device_mesh  # type: ignore[attr-defined]
         for p in params
     )
-
-
-def _local_row_sums(a: Tensor, b: Tensor) -> Tensor:
-    """``Σ_j a_ij b_ij`` over this shard's elements of each of its rows."""
-    if a.numel() == 0:
-        return a.new_zeros(a.shape[0])
-    return (a * b).sum(dim=tuple(range(1, a.dim())))
 
 
 def _row_window(p: Tensor) -> tuple[int, int]:
@@ -114,7 +108,7 @@ def project_sharded_(
     sums = _all_rows(
         params,
         [
-            [_local_row_sums(g, p), _local_row_sums(g, g), _local_row_sums(p, p)]
+            [_row_dot(g, p), _row_dot(g, g), _row_dot(p, p)]
             for p, g in zip(p_loc, g_loc, strict=True)
         ],
         3,
@@ -126,7 +120,7 @@ def project_sharded_(
     ]
     decisions = [decide(stats, delta, eps) for stats in stats_list]
     pu_rows = _all_rows(
-        params, [[_local_row_sums(p, u)] for p, u in zip(p_loc, u_loc, strict=True)], 1, group
+        params, [[_row_dot(p, u)] for p, u in zip(p_loc, u_loc, strict=True)], 1, group
     )
     out = []
     for p, pl, ul, stats, (pu,), d in zip(
