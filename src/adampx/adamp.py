@@ -245,11 +245,12 @@ def _single_tensor_adamp(
 
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / bias_correction2.sqrt()).add_(eps)
+        # one param-sized buffer: denominator, then the update direction in place of it
+        denom = v.sqrt().div_(bias_correction2.sqrt()).add_(eps)
         if nesterov:
             u = m.mul(beta1).add_(g, alpha=1 - beta1).div_(denom)
         else:
-            u = m / denom
+            u = torch.div(m, denom, out=denom)
 
         project_and_decay_(
             param,
