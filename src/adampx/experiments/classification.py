@@ -237,8 +237,3 @@ def evaluate(model: nn.Module, data: DataSplits, batch_size: int, device: torch.
     for x, y in DataLoader(data.test, batch_size=4 * batch_size):
         correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
     return correct / len(data.test)  # type: ignore[arg-type]
-
-
-def describe_optimizers() -> dict[str, Any]:
-    """The optimizer table as data (for the report)."""
-    return {name: {"weight_decay_on": wd} for name, (_, wd) in OPTIMIZERS.items()}

@@ -241,7 +241,7 @@ def _toy3d(out: Path, runs: list[dict[str, Any]]) -> list[str]:
     return [*lines, "", "![3-D toy](toy3d.png)", ""]
 
 
-def _classification(out: Path, runs: list[dict[str, Any]], settings: Any) -> list[str]:
+def _classification(out: Path, runs: list[dict[str, Any]]) -> list[str]:
     runs = [r for r in runs if r["task"] == "classification"]
     if not runs:
         return []
@@ -387,7 +387,7 @@ def _paper_table() -> list[str]:
     return [*lines, ""]
 
 
-def write_report(out: Path, results: dict[str, Any], settings: Any) -> Path:
+def write_report(out: Path, results: dict[str, Any]) -> Path:
     """Write ``out/report.md`` and its figures; print a summary; return the report's path."""
     runs = results["runs"]
     body = [
@@ -398,7 +398,7 @@ def write_report(out: Path, results: dict[str, Any], settings: Any) -> Path:
         "",
         *_toy2d(out, runs),
         *_toy3d(out, runs),
-        *_classification(out, runs, settings),
+        *_classification(out, runs),
         *_paper_table(),
     ]
     path = out / "report.md"

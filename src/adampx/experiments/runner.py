@@ -369,7 +369,7 @@ def reproduce(settings: Settings) -> dict[str, Any]:
             raise
         progress.close()
         if main:
-            write_report(out, results, s)
+            write_report(out, results)
     return results
 
 
