@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import adampx
+import adampx.fused
 
 Shapes = list[tuple[int, ...]]
 
@@ -91,12 +92,14 @@ def candidates() -> dict[str, tuple[str, Callable[[list[torch.Tensor]], Any]]]:
         "AdamP per-tensor": ("adam", adamp(foreach=False)),
         "AdamP multi-tensor": ("adam", adamp(foreach=True)),
         "AdamP default": ("adam", adamp()),
+        "AdamP fused": ("adam", adamp(fused=True)),
         "AdamW foreach": ("adam", lambda ps: torch.optim.AdamW(ps, foreach=True)),
         "AdamW fused": ("adam", lambda ps: torch.optim.AdamW(ps, fused=True)),
         "reference AdamP": ("adam", lambda ps: reference.AdamP(ps, weight_decay=1e-2)),
         "SGDP per-tensor": ("sgd", lambda ps: adampx.SGDP(ps, 0.1, 0.9, foreach=False)),
         "SGDP multi-tensor": ("sgd", lambda ps: adampx.SGDP(ps, 0.1, 0.9, foreach=True)),
         "SGDP default": ("sgd", lambda ps: adampx.SGDP(ps, 0.1, 0.9)),
+        "SGDP fused": ("sgd", lambda ps: adampx.SGDP(ps, 0.1, 0.9, fused=True)),
         "SGD foreach": ("sgd", lambda ps: torch.optim.SGD(ps, 0.1, 0.9, foreach=True)),
         "SGD fused": ("sgd", lambda ps: torch.optim.SGD(ps, 0.1, 0.9, fused=True)),
         "reference SGDP": ("sgd", lambda ps: reference.SGDP(ps, lr=0.1, momentum=0.9)),
@@ -104,6 +107,7 @@ def candidates() -> dict[str, tuple[str, Callable[[list[torch.Tensor]], Any]]]:
 
 
 FUSED = {"adam": "AdamW fused", "sgd": "SGD fused"}
+REFERENCE = {"adam": "reference AdamP", "sgd": "reference SGDP"}
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -176,14 +180,19 @@ def measure_set(name: str, rounds: int, seed: int = 0) -> list[dict[str, Any]]:
                 "candidate": label,
                 "ms": 1e3 * medians[label],
                 "ratio": medians[label] / medians[FUSED[family]],
+                "speedup": medians[REFERENCE[family]] / medians[label],
                 "mib": peak_extra_mib(optimizer),
             }
         )
     n_params = sum(torch.Size(s).numel() for s in shapes)
     print(f"\n{name}: {n_params / 1e6:.1f}M parameters in {len(shapes)} tensors, {rounds} rounds")
-    print(f"  {'candidate':<22}{'median ms':>10}{'× fused':>9}{'peak extra MiB':>16}")
+    header = f"{'candidate':<22}{'median ms':>10}{'× fused':>9}{'ref ÷ this':>12}{'peak MiB':>10}"
+    print("  " + header)
     for r in rows:
-        print(f"  {r['candidate']:<22}{r['ms']:>10.1f}{r['ratio']:>9.2f}{r['mib']:>16.1f}")
+        print(
+            f"  {r['candidate']:<22}{r['ms']:>10.1f}{r['ratio']:>9.2f}{r['speedup']:>12.2f}"
+            f"{r['mib']:>10.1f}"
+        )
     return rows
 
 
@@ -232,6 +241,8 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, Python {platform.python_version()}, "
         f"torch {torch.__version__}, adampx {adampx.__version__}"
     )
+    built = adampx.fused.build_seconds()
+    print(f"fused kernel: built from scratch in {built:.2f} s, cached at {adampx.fused.load()}")
     for name in args.sets:
         measure_set(name, args.rounds)
     if not args.no_end_to_end:

@@ -208,6 +208,8 @@ def test_signature_matches_reference_positionally(ours, theirs):
         "maximize": (keyword_only, False),
         "projection": (keyword_only, True),
         "track_statistics": (keyword_only, False),
+        "fused": (keyword_only, None),
+        "capturable": (keyword_only, False),
     }
     if ours is SGDP:
         assert positional(ours)[1] == ("lr", required)

@@ -259,7 +259,12 @@ def test_foreach_equals_single_tensor(opt_cls: type, kwargs: dict[str, Any]) -> 
 
 @PATH_CONFIGS
 def test_foreach_equals_single_tensor_mixed_dtypes(opt_cls: type, kwargs: dict[str, Any]) -> None:
-    """One param group with float32 and float64 params (the multi-tensor path splits it)."""
+    """One param group with float32 and float64 params (the multi-tensor path splits it).
+
+    The two paths round float32 math differently (the per-tensor path runs torch's fused
+    kernels on CPU), and the float32 params feed the float64 params' gradients, so every
+    param is held to float32 tolerances here; the float64-only tests hold float64 ones.
+    """
     model = Mixed()
     dtypes = {p.dtype for p in model.parameters()}
     assert dtypes == {torch.float32, torch.float64}
@@ -269,7 +274,7 @@ def test_foreach_equals_single_tensor_mixed_dtypes(opt_cls: type, kwargs: dict[s
         lambda ps: opt_cls(ps, **kwargs, foreach=True),
         dtype=None,
     )
-    steps = check_parity(pairs, state_map(opt_cls), rtol32=1e-6, atol32=1e-7)
+    steps = check_parity(pairs, state_map(opt_cls), rtol=1e-5, atol=1e-6)
     assert steps == STEPS
 
 

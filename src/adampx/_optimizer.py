@@ -63,6 +63,26 @@ def check_flag(name: str, value: Any, *, allow_none: bool = False) -> None:
         raise ValueError(f"Invalid {name}: expected {allowed}, got {value!r}")
 
 
+def _check_fused(group: dict[str, Any]) -> None:
+    """``fused=True``: CPU params, not with foreach or capturable, and a kernel that builds."""
+    if group["foreach"]:
+        raise ValueError("Invalid fused=True with foreach=True: choose one implementation")
+    if group["capturable"]:
+        raise ValueError(
+            "Invalid fused=True with capturable=True: the fused kernel runs on the CPU, "
+            "which CUDA graphs do not capture"
+        )
+    devices = sorted({p.device.type for p in group["params"]} - {"cpu"})
+    if devices:
+        raise ValueError(
+            f"Invalid fused=True for params on {', '.join(devices)}: the fused kernel runs on "
+            "the CPU; on accelerators the default (multi-tensor) path is the fast one"
+        )
+    from adampx import fused
+
+    fused.load()  # build errors surface here, and the first step pays no build time
+
+
 class ProjectedOptimizer(Optimizer):
     """Base of :class:`~adampx.AdamP` and :class:`~adampx.SGDP`.
 
@@ -74,7 +94,12 @@ class ProjectedOptimizer(Optimizer):
     """
 
     _state_keys: ClassVar[tuple[str, ...]]
-    _implementation_flags: ClassVar[tuple[str, ...]] = ("foreach", "track_statistics")
+    _implementation_flags: ClassVar[tuple[str, ...]] = (
+        "foreach",
+        "fused",
+        "capturable",
+        "track_statistics",
+    )
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._statistics = StatisticsRecorder()
@@ -92,9 +117,17 @@ class ProjectedOptimizer(Optimizer):
         check_range("weight_decay", group["weight_decay"], 0.0, float("inf"), high_open=True)
         check_range("delta", group["delta"], 0.0, float("inf"), high_open=True)
         check_range("wd_ratio", group["wd_ratio"], 0.0, 1.0, high_open=False)
-        for flag in ("maximize", "projection", "track_statistics"):
+        for flag in ("maximize", "projection", "track_statistics", "capturable"):
             check_flag(flag, group[flag])
         check_flag("foreach", group["foreach"], allow_none=True)
+        check_flag("fused", group["fused"], allow_none=True)
+        if group["fused"]:
+            _check_fused(group)
+        if group["capturable"] and group["track_statistics"]:
+            raise ValueError(
+                "capturable=True cannot record statistics: track_statistics keeps a host-side "
+                "step counter that a CUDA graph would not replay"
+            )
 
     @staticmethod
     def _init_state(p: Tensor, state: dict[str, Any]) -> None:
@@ -163,7 +196,8 @@ class ProjectedOptimizer(Optimizer):
         self.__dict__.setdefault("_statistics", StatisticsRecorder())
         for group in self.param_groups:
             for key, default in self.defaults.items():
-                if key not in _FOREIGN_GROUP_KEYS:  # torch adds defaults["differentiable"]
+                # torch adds defaults["differentiable"]; "fused" and "capturable" are ours
+                if key not in _FOREIGN_GROUP_KEYS or key in self._implementation_flags:
                     group.setdefault(key, default)
 
     def _gather(

@@ -18,11 +18,14 @@ which dispatches to a per-tensor or a multi-tensor (``torch._foreach_*``) implem
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from adampx import _torch_fused as torch_fused
+from adampx import fused as fused_kernel
 from adampx._optimizer import ProjectedOptimizer, check_flag, check_range
 from adampx._shared_step import Decisions, foreach_project_and_decay_, project_and_decay_
 from adampx._tensors import (
@@ -57,6 +60,12 @@ class AdamP(ProjectedOptimizer):
         track_statistics: record per-tensor statistics of each step (which view fired, the
             cosines, norms, effective step sizes), read with :meth:`statistics`; see
             :mod:`adampx.statistics`. Off by default, and free when off.
+        fused: True runs the whole step in one compiled CPU kernel (:mod:`adampx.fused`,
+            built with the system C compiler on first use, then cached); CPU params only.
+        capturable: promise that the step can be captured in a CUDA graph. Every path
+            already keeps its state on the params' device and never syncs with the host,
+            so this only forbids what would break a capture (``track_statistics``,
+            ``fused``); on the CPU it changes nothing.
 
     Every hyperparameter may differ per param group. State per param: ``step`` (0-d float32
     tensor on the param's device), ``exp_avg`` and ``exp_avg_sq`` (float32 for float16 and
@@ -80,6 +89,8 @@ class AdamP(ProjectedOptimizer):
         maximize: bool = False,
         projection: bool = True,
         track_statistics: bool = False,
+        fused: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -93,6 +104,8 @@ class AdamP(ProjectedOptimizer):
             maximize=maximize,
             projection=projection,
             track_statistics=track_statistics,
+            fused=fused,
+            capturable=capturable,
         )
         super().__init__(params, defaults)
 
@@ -127,6 +140,7 @@ class AdamP(ProjectedOptimizer):
             [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states],
             foreach=group["foreach"],
+            fused=group["fused"],
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -165,6 +179,7 @@ def adamp(
     state_steps: list[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -183,13 +198,14 @@ def adamp(
         params, grads, exp_avgs, exp_avg_sqs: tensors of one param group, aligned by index.
         state_steps: 0-d float32 step counters on the params' devices (incremented here).
         foreach: multi-tensor (True) or per-tensor (False); None chooses.
+        fused: True runs the compiled CPU kernel of :mod:`adampx.fused`.
         lr, beta1, beta2, eps, weight_decay, delta, wd_ratio, nesterov, maximize, projection:
             as in :class:`AdamP`.
         decisions: if given, receives the scale-invariance decision of every tested param.
     """
     if foreach is None:
-        foreach = default_foreach(params)
-    impl = _multi_tensor_adamp if foreach else _single_tensor_adamp
+        foreach = default_foreach(params) and not fused
+    impl = _multi_tensor_adamp if foreach else partial(_single_tensor_adamp, fused=bool(fused))
     impl(
         params,
         grads,
@@ -228,13 +244,37 @@ def _single_tensor_adamp(
     maximize: bool,
     projection: bool,
     decisions: Decisions | None = None,
+    fused: bool = False,
 ) -> None:
-    for param, grad, m_state, v_state, step in zip(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
-    ):
-        p = compute_view(param)
-        g = compute_view(grad)
-        m, v = real(m_state), real(v_state)
+    ps = [compute_view(p) for p in params]
+    gs = [compute_view(g) for g in grads]
+    ms = [real(m) for m in exp_avgs]
+    vs = [real(v) for v in exp_avg_sqs]
+    # torch's fused kernels have no fake implementation: a compiled step takes the plain code
+    fast = [] if torch.compiler.is_compiling() or (nesterov and not fused) else [
+        k for k, param in enumerate(params)
+        if torch_fused.supported(param, ps[k], gs[k], ms[k], vs[k])
+    ]  # fmt: skip
+    for same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).values():
+        chosen = [fast[i] for i in same_dtype]
+        impl = partial(fused_kernel.adamp_, nesterov=nesterov) if fused else torch_fused.adamp_
+        impl(
+            *([x[k] for k in chosen] for x in (params, ps, gs, ms, vs, state_steps)),
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            maximize=maximize,
+            projection=projection,
+            decisions=decisions,
+        )
+    for k in fast:
+        write_back_(params[k], ps[k])
+    for k in sorted(set(range(len(params))) - set(fast)):
+        param, p, g, m, v, step = params[k], ps[k], gs[k], ms[k], vs[k], state_steps[k]
         if maximize:
             g = -g
 

@@ -16,12 +16,15 @@ package projects it by accident when nesterov is off, see the README's migration
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
+from adampx import _torch_fused as torch_fused
+from adampx import fused as fused_kernel
 from adampx._optimizer import ProjectedOptimizer, check_flag, check_range
 from adampx._shared_step import Decisions, foreach_project_and_decay_, project_and_decay_
 from adampx._tensors import compute_view, group_by_device_and_dtype, real, write_back_, zeros_state
@@ -48,6 +51,12 @@ class SGDP(ProjectedOptimizer):
         projection: set False in a param group to never project its tensors.
         track_statistics: record per-tensor statistics of each step, read with
             :meth:`statistics` (see :mod:`adampx.statistics`); off by default.
+        fused: True runs the whole step in one compiled CPU kernel (:mod:`adampx.fused`,
+            built with the system C compiler on first use, then cached); CPU params only.
+        capturable: promise that the step can be captured in a CUDA graph. Every path
+            already keeps its state on the params' device and never syncs with the host,
+            so this only forbids what would break a capture (``track_statistics``,
+            ``fused``); on the CPU it changes nothing.
 
     State per param: ``momentum`` (the buffer ``b``, float32 for float16/bfloat16 params), the
     key of the reference package.
@@ -71,6 +80,8 @@ class SGDP(ProjectedOptimizer):
         maximize: bool = False,
         projection: bool = True,
         track_statistics: bool = False,
+        fused: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -85,6 +96,8 @@ class SGDP(ProjectedOptimizer):
             maximize=maximize,
             projection=projection,
             track_statistics=track_statistics,
+            fused=fused,
+            capturable=capturable,
         )
         super().__init__(params, defaults)
 
@@ -116,6 +129,7 @@ class SGDP(ProjectedOptimizer):
             grads,
             [s["momentum"] for s in states],
             foreach=group["foreach"],
+            fused=group["fused"],
             lr=group["lr"],
             momentum=group["momentum"],
             dampening=group["dampening"],
@@ -136,6 +150,7 @@ def sgdp(
     momentum_buffers: list[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     lr: float | Tensor,
     momentum: float,
     dampening: float,
@@ -153,13 +168,14 @@ def sgdp(
     Args:
         params, grads, momentum_buffers: tensors of one param group, aligned by index.
         foreach: multi-tensor (True) or per-tensor (False); None chooses.
+        fused: True runs the compiled CPU kernel of :mod:`adampx.fused`.
         lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio, maximize,
         projection: as in :class:`SGDP`.
         decisions: if given, receives the scale-invariance decision of every tested param.
     """
     if foreach is None:
-        foreach = default_foreach(params)
-    impl = _multi_tensor_sgdp if foreach else _single_tensor_sgdp
+        foreach = default_foreach(params) and not fused
+    impl = _multi_tensor_sgdp if foreach else partial(_single_tensor_sgdp, fused=bool(fused))
     impl(
         params,
         grads,
@@ -194,11 +210,35 @@ def _single_tensor_sgdp(
     maximize: bool,
     projection: bool,
     decisions: Decisions | None = None,
+    fused: bool = False,
 ) -> None:
-    for param, grad, b_state in zip(params, grads, momentum_buffers, strict=True):
-        p = compute_view(param)
-        g = compute_view(grad)
-        b = real(b_state)
+    ps = [compute_view(p) for p in params]
+    gs = [compute_view(g) for g in grads]
+    bs = [real(b) for b in momentum_buffers]
+    # torch's fused kernels have no fake implementation: a compiled step takes the plain code
+    fast = [] if torch.compiler.is_compiling() or (momentum == 0 and not fused) else [
+        k for k, param in enumerate(params) if torch_fused.supported(param, ps[k], gs[k], bs[k])
+    ]  # fmt: skip
+    for same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).values():
+        chosen = [fast[i] for i in same_dtype]
+        (fused_kernel.sgdp_ if fused else torch_fused.sgdp_)(
+            *([x[k] for k in chosen] for x in (params, ps, gs, bs)),
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            eps=eps,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            maximize=maximize,
+            projection=projection,
+            decisions=decisions,
+        )
+    for k in fast:
+        write_back_(params[k], ps[k])
+    for k in sorted(set(range(len(params))) - set(fast)):
+        param, p, g, b = params[k], ps[k], gs[k], bs[k]
         if maximize:
             g = -g
 

@@ -1,0 +1,156 @@
+/* adampx fused kernels: one call steps every tensor of a list, on the CPU.
+ *
+ * AdamP and SGDP of ALGORITHM.md in two passes over memory per tested tensor:
+ *   pass 1, row by row: update the moments, and sum p·p, g·g, p·g and p·d per row
+ *           (d the update direction, computed on the fly, never stored);
+ *   test:   channel view, then layer view, from the row sums;
+ *   pass 2, row by row: recompute d from the stored moments and write
+ *           p ← p·(1 − decay·r) − step·(d − c_i·p).
+ * Untested tensors (and groups with the projection off) take one pass.
+ * Row sums accumulate in double. Built by adampx.fused with the system C compiler. */
+#include <math.h>
+#include <stdint.h>
+
+typedef struct {
+    double lr, beta1, beta2, eps, weight_decay, delta, wd_ratio;
+    double momentum, dampening; /* SGDP */
+    int32_t maximize, nesterov, threads;
+} hyper_t;
+
+/* per tested tensor, written for adampx.statistics: channel, layer, max |cos| rows, |cos| layer */
+static void decide(const double *sums, int64_t rows, int64_t cols, const hyper_t *h,
+                   double *coef, double *ratio, double *out) {
+    double pp = 0, gg = 0, pg = 0, pd = 0, max_cos = 0;
+    for (int64_t i = 0; i < rows; i++) {
+        const double *s = sums + 4 * i;
+        double c = fabs(s[2]) / (fmax(sqrt(s[0]), h->eps) * fmax(sqrt(s[1]), h->eps));
+        if (c > max_cos || isnan(c)) max_cos = c;
+        pp += s[0]; gg += s[1]; pg += s[2]; pd += s[3];
+    }
+    double cos_layer = fabs(pg) / (fmax(sqrt(pp), h->eps) * fmax(sqrt(gg), h->eps));
+    int channel = max_cos < h->delta / sqrt((double)cols);
+    int layer = !channel && cos_layer < h->delta / sqrt((double)cols * (double)rows);
+    double layer_coef = pd / ((sqrt(pp) + h->eps) * (sqrt(pp) + h->eps));
+    for (int64_t i = 0; i < rows; i++) {
+        const double *s = sums + 4 * i;
+        double n = sqrt(s[0]) + h->eps;
+        coef[i] = channel ? s[3] / (n * n) : (layer ? layer_coef : 0.0);
+    }
+    *ratio = (channel || layer) ? h->wd_ratio : 1.0;
+    out[0] = channel; out[1] = layer; out[2] = max_cos; out[3] = cos_layer;
+}
+
+#define DEFINE_KERNELS(T, SUFFIX)                                                              \
+                                                                                               \
+/* AdamP: the direction d = n / (sqrt(v) / sqrt(bc2) + eps), n = m or, with nesterov,       \
+ * β1·m + (1−β1)·g; 1/bc1 is folded into the step size */                                     \
+static inline T adam_direction_##SUFFIX(T n, T v, T bc2_sqrt, T eps) {                       \
+    return n / (sqrt(v) / bc2_sqrt + eps);                                                     \
+}                                                                                              \
+                                                                                               \
+void adamp_##SUFFIX(int64_t count, T **ps, T **gs, T **ms, T **vs, float **steps,              \
+                    const int64_t *rows, const int64_t *cols, const int32_t *tested,           \
+                    const hyper_t *h, double *work, double *decisions) {                       \
+    const T b1 = (T)h->beta1, b2 = (T)h->beta2, eps = (T)h->eps;                              \
+    const T sign = h->maximize ? (T)-1 : (T)1;                                                 \
+    const int nesterov = h->nesterov;                                                          \
+    for (int64_t k = 0; k < count; k++) {                                                      \
+        T *p = ps[k]; const T *g = gs[k]; T *m = ms[k]; T *v = vs[k];                          \
+        const int64_t R = rows[k], C = cols[k], N = R * C;                                     \
+        const double t = (double)(*steps[k] += 1.0f);                                          \
+        const T bc2_sqrt = (T)sqrt(1.0 - pow(h->beta2, t));                                    \
+        const T step = (T)(h->lr / (1.0 - pow(h->beta1, t)));                                  \
+        if (!tested[k]) {                                                                      \
+            const T keep = (T)(1.0 - h->lr * h->weight_decay);                                 \
+            _Pragma("omp parallel for simd num_threads(h->threads) if(N > 65536)")            \
+            for (int64_t j = 0; j < N; j++) {                                                  \
+                T gj = sign * g[j];                                                            \
+                T mj = b1 * m[j] + (1 - b1) * gj, vj = b2 * v[j] + (1 - b2) * gj * gj;         \
+                T nj = nesterov ? b1 * mj + (1 - b1) * gj : mj;                             \
+                m[j] = mj; v[j] = vj;                                                          \
+                p[j] = p[j] * keep - step * adam_direction_##SUFFIX(nj, vj, bc2_sqrt, eps);    \
+            }                                                                                  \
+            continue;                                                                          \
+        }                                                                                      \
+        double *sums = work, *coef = work + 4 * R, ratio;                                      \
+        _Pragma("omp parallel for num_threads(h->threads) schedule(static) if(N > 65536)")    \
+        for (int64_t i = 0; i < R; i++) {                                                      \
+            double pp = 0, gg = 0, pg = 0, pd = 0;                                             \
+            T *pi = p + i * C, *mi = m + i * C, *vi = v + i * C; const T *gi = g + i * C;      \
+            _Pragma("omp simd reduction(+:pp,gg,pg,pd)")                                      \
+            for (int64_t j = 0; j < C; j++) {                                                  \
+                T gj = sign * gi[j];                                                           \
+                T mj = b1 * mi[j] + (1 - b1) * gj, vj = b2 * vi[j] + (1 - b2) * gj * gj;       \
+                mi[j] = mj; vi[j] = vj;                                                        \
+                T nj = nesterov ? b1 * mj + (1 - b1) * gj : mj;                             \
+                double pj = pi[j], dj = adam_direction_##SUFFIX(nj, vj, bc2_sqrt, eps);        \
+                pp += pj * pj; gg += (double)gj * gj; pg += pj * gj; pd += pj * dj;            \
+            }                                                                                  \
+            sums[4 * i] = pp; sums[4 * i + 1] = gg; sums[4 * i + 2] = pg; sums[4 * i + 3] = pd; \
+        }                                                                                      \
+        decide(sums, R, C, h, coef, &ratio, decisions + 4 * k);                                \
+        const T keep = (T)(1.0 - h->lr * h->weight_decay * ratio);                             \
+        _Pragma("omp parallel for num_threads(h->threads) schedule(static) if(N > 65536)")    \
+        for (int64_t i = 0; i < R; i++) {                                                      \
+            T *pi = p + i * C; const T *mi = m + i * C, *vi = v + i * C, *gi = g + i * C;     \
+            const T c = (T)coef[i];                                                            \
+            _Pragma("omp simd")                                                               \
+            for (int64_t j = 0; j < C; j++) {                                                  \
+                T nj = nesterov ? b1 * mi[j] + (1 - b1) * sign * gi[j] : mi[j];             \
+                T dj = adam_direction_##SUFFIX(nj, vi[j], bc2_sqrt, eps);                      \
+                pi[j] = pi[j] * keep - step * (dj - c * pi[j]);                                \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+}                                                                                              \
+                                                                                               \
+void sgdp_##SUFFIX(int64_t count, T **ps, T **gs, T **bs, const int64_t *rows,                 \
+                   const int64_t *cols, const int32_t *tested, const hyper_t *h,               \
+                   double *work, double *decisions) {                                          \
+    const T mu = (T)h->momentum, damp = (T)(1.0 - h->dampening), lr = (T)h->lr;               \
+    const T sign = h->maximize ? (T)-1 : (T)1;                                                 \
+    const int nesterov = h->nesterov;                                                          \
+    const double decay = h->lr * h->weight_decay / (1.0 - h->momentum);                        \
+    for (int64_t k = 0; k < count; k++) {                                                      \
+        T *p = ps[k]; const T *g = gs[k]; T *b = bs[k];                                        \
+        const int64_t R = rows[k], C = cols[k], N = R * C;                                     \
+        if (!tested[k]) {                                                                      \
+            const T keep = (T)(1.0 - decay);                                                   \
+            _Pragma("omp parallel for simd num_threads(h->threads) if(N > 65536)")            \
+            for (int64_t j = 0; j < N; j++) {                                                  \
+                T gj = sign * g[j], bj = mu * b[j] + damp * gj;                                \
+                b[j] = bj;                                                                     \
+                p[j] = p[j] * keep - lr * (nesterov ? gj + mu * bj : bj);                      \
+            }                                                                                  \
+            continue;                                                                          \
+        }                                                                                      \
+        double *sums = work, *coef = work + 4 * R, ratio;                                      \
+        _Pragma("omp parallel for num_threads(h->threads) schedule(static) if(N > 65536)")    \
+        for (int64_t i = 0; i < R; i++) {                                                      \
+            double pp = 0, gg = 0, pg = 0, pd = 0;                                             \
+            const T *pi = p + i * C, *gi = g + i * C; T *bi = b + i * C;                       \
+            _Pragma("omp simd reduction(+:pp,gg,pg,pd)")                                      \
+            for (int64_t j = 0; j < C; j++) {                                                  \
+                T gj = sign * gi[j], bj = mu * bi[j] + damp * gj;                              \
+                bi[j] = bj;                                                                    \
+                double pj = pi[j], dj = nesterov ? gj + mu * bj : bj;                          \
+                pp += pj * pj; gg += (double)gj * gj; pg += pj * gj; pd += pj * dj;            \
+            }                                                                                  \
+            sums[4 * i] = pp; sums[4 * i + 1] = gg; sums[4 * i + 2] = pg; sums[4 * i + 3] = pd; \
+        }                                                                                      \
+        decide(sums, R, C, h, coef, &ratio, decisions + 4 * k);                                \
+        const T keep = (T)(1.0 - decay * ratio);                                               \
+        _Pragma("omp parallel for num_threads(h->threads) schedule(static) if(N > 65536)")    \
+        for (int64_t i = 0; i < R; i++) {                                                      \
+            T *pi = p + i * C; const T *gi = g + i * C, *bi = b + i * C; const T c = (T)coef[i]; \
+            _Pragma("omp simd")                                                               \
+            for (int64_t j = 0; j < C; j++) {                                                  \
+                T dj = nesterov ? sign * gi[j] + mu * bi[j] : bi[j];                           \
+                pi[j] = pi[j] * keep - lr * (dj - c * pi[j]);                                  \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+}
+
+DEFINE_KERNELS(float, f32)
+DEFINE_KERNELS(double, f64)
