@@ -12,3 +12,11 @@ torch.set_num_threads(1)
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def force_eager_math(monkeypatch) -> None:
+    """Make every tensor skip the CPU fused kernels, so the eager per-tensor / multi-tensor
+    math runs (as on accelerators, for tensor subclasses and for unusual layouts)."""
+    import adampx._torch_fused
+
+    monkeypatch.setattr(adampx._torch_fused, "supported", lambda *args: False)

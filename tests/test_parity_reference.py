@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from adampx import SGDP, AdamP
 from adampx.projection import decide, row_statistics
+from conftest import force_eager_math
 
 STEPS = 20
 RTOL, ATOL = 1e-10, 1e-12
@@ -221,6 +222,16 @@ def check_fired(opt_ref: Any, delta: float, model_cls: type) -> None:
 # ------------------------------------------------------------------------------- AdamP
 
 FOREACH = pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+
+
+@pytest.fixture(autouse=True, params=["kernels", "eager"])
+def cpu_kernels(request, monkeypatch) -> None:
+    """Every test twice: with the CPU fused kernels where tensors qualify (what a CPU user
+    gets), and with the eager math forced (what accelerators and other tensors get)."""
+    if request.param == "eager":
+        force_eager_math(monkeypatch)
+
+
 DELTA = pytest.mark.parametrize("delta", [0.1, 0.0, 10.0])
 DECAY = pytest.mark.parametrize(
     ("weight_decay", "wd_ratio"), [(0.0, 0.1), (0.05, 0.1), (0.05, 0.5)], ids=["wd0", "wd", "wd-r"]

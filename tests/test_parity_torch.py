@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adampx import SGDP, AdamP
+from conftest import force_eager_math
 
 STEPS = 20
 RTOL, ATOL = 1e-10, 1e-12
@@ -169,6 +170,16 @@ def check_parity(
 
 
 FOREACH = pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+
+
+@pytest.fixture(autouse=True, params=["kernels", "eager"])
+def cpu_kernels(request, monkeypatch) -> None:
+    """Every test twice: with the CPU fused kernels where tensors qualify (what a CPU user
+    gets), and with the eager math forced (what accelerators and other tensors get)."""
+    if request.param == "eager":
+        force_eager_math(monkeypatch)
+
+
 MAXIMIZE = pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
 # Two ways to keep the projection from ever firing.
 NEVER_FIRES = pytest.mark.parametrize(

@@ -7,18 +7,18 @@ the order of floating-point operations differs from the plain per-tensor code.
 
 AdamP, per tested tensor (rows = the channel view ``[n0, N/n0]``):
 
-1. ``gp_i = p_i·g_i`` (the product is written into a workspace ``w``), ``‖p_i‖``, ``‖g_i‖``;
-2. ``torch._fused_adamw_`` with ``lr = 1`` and ``weight_decay = 1`` on ``w`` as its "param":
-   it updates ``m`` and ``v`` and leaves ``w·(1 − 1·1) − u/bc1 = −u/bc1`` in the workspace
-   (the factor ``1 − 1·1`` is exactly zero, so the old contents vanish exactly);
-3. ``pw_i = p_i·w_i``, the test (:func:`adampx.projection.decide`) and the coefficients
-   ``c_i`` with ``w_i − c_i p_i`` the projected direction;
-4. ``p ← p·(1 − lr·λ·r − lr·c) + lr·w``, which is ALGORITHM.md's
+1. ``gp_i = p_i·g_i`` (the product is written into a workspace), ``‖p_i‖``, ``‖g_i‖``;
+2. the test of every tested tensor at once on the concatenated row sums (:class:`_Rows`);
+3. ``torch._fused_adamw_`` without weight decay on a zeroed workspace ``w`` as its "param":
+   it updates ``m`` and ``v`` and leaves the step ``w = −(lr/bc1)·u`` in the workspace;
+4. ``pw_i = p_i·w_i``, the coefficients ``c_i`` with ``w_i − c_i p_i`` the projected step,
+   and ``p ← p·(1 − lr·λ·r − c) + w`` in one ``addcmul``, which is ALGORITHM.md's
    ``p·(1 − lr·λ·r) − (lr/bc1)·(u − c'p)`` rearranged.
 
 Untested tensors (biases, norm gains) take one ``torch._fused_adamw_`` call: that is AdamW.
 
-SGDP, per tested tensor: ``p·g``, ``p·b`` (the momentum before the step), ``‖p‖``, ``‖g‖``.
+SGDP, per tested tensor: ``p·g``, ``p·b`` (the momentum before the step), ``‖p‖``, ``‖g‖``;
+then the test of all tensors at once.
 The direction's row dots follow without touching it, by linearity:
 ``p·b_new = μ·(p·b) + (1−τ)·(p·g)`` and, with nesterov, ``p·d = p·g + μ·(p·b_new)``.
 Each param is rescaled row by row by ``1 − a·r + lr·c`` (``a`` the decoupled decay), then
@@ -41,13 +41,7 @@ import torch
 from torch import Tensor
 
 from adampx._shared_step import Decisions
-from adampx.projection import (
-    RowStatistics,
-    coefficients_from_row_dots,
-    decay_ratio,
-    decide,
-    is_projectable,
-)
+from adampx.projection import Decision, is_projectable
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -89,23 +83,83 @@ def _workspace(ps: list[Tensor], tested: list[int], count: int) -> list[Tensor]:
     return list(torch.empty(count, size, dtype=ps[tested[0]].dtype, device=ps[tested[0]].device))
 
 
-def _scaled_rows(
-    param: Tensor,
-    stats: RowStatistics,
-    direction_dots: Tensor,
-    *,
-    delta: float,
-    eps: float,
-    wd_ratio: float,
-    decay: float | Tensor,
-    decisions: Decisions | None,
-) -> tuple[Tensor, Tensor]:
-    """The test, and per row ``(c_i, 1 − decay·r)``: ``d_i − c_i p_i`` is the projected row."""
-    decision = decide(stats, delta, eps)
-    if decisions is not None:
-        decisions[param] = decision
-    coefficients = coefficients_from_row_dots(direction_dots, stats, decision, eps)
-    return coefficients, 1 - decay * decay_ratio(decision, wd_ratio, coefficients)
+class _Rows:
+    """The row sums of all tested tensors of one dtype, concatenated, and the test on them.
+
+    ``add`` fills tensor ``k``'s rows (``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i`` and optionally one
+    more row dot) with ``out=`` writes into slices; :meth:`test` then runs the
+    scale-invariance test of every tensor at once with segment reductions, so the decision
+    costs a few dozen small operations per step instead of a few dozen per tensor.
+    """
+
+    def __init__(self, ps: list[Tensor], tested: list[int], extra: bool) -> None:
+        self.lengths = [ps[k].shape[0] for k in tested]
+        self.row_lengths = [ps[k].numel() // ps[k].shape[0] for k in tested]
+        self.starts = [sum(self.lengths[:j]) for j in range(len(tested))]
+        rows = sum(self.lengths)
+        self.sums = torch.empty(4 if extra else 3, rows, dtype=ps[tested[0]].dtype)
+        self.p_norm, self.g_norm, self.gp = self.sums[0], self.sums[1], self.sums[2]
+        self.extra = self.sums[3] if extra else None
+
+    def slice(self, j: int) -> slice:
+        return slice(self.starts[j], self.starts[j] + self.lengths[j])
+
+    def add(self, j: int, p: Tensor, g: Tensor, x: Tensor, other: Tensor | None = None) -> None:
+        """Row sums of the ``j``-th tested tensor (``[n0, N/n0]`` views; ``x`` a workspace)."""
+        rows = self.slice(j)
+        torch.linalg.vector_norm(p, dim=1, out=self.p_norm[rows])
+        torch.linalg.vector_norm(g, dim=1, out=self.g_norm[rows])
+        torch.sum(torch.mul(p, g, out=x), 1, out=self.gp[rows])
+        if other is not None and self.extra is not None:
+            torch.sum(torch.mul(p, other, out=x), 1, out=self.extra[rows])
+
+    def test(
+        self,
+        params: list[Tensor],
+        *,
+        delta: float,
+        eps: float,
+        wd_ratio: float,
+        decay: float | Tensor,
+        decisions: Decisions | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The test of ALGORITHM.md for every tensor (``params``: the tested ones, in order).
+
+        Returns ``(row_factor, layer_factor, keep)``: the projection coefficient of row
+        ``i`` of tensor ``t`` for a direction ``d`` is ``row_factor_i·(p_i·d_i) +
+        layer_factor_t·(p·d)``, and ``keep_t = 1 − decay·r_t`` is its weight-decay factor.
+        """
+        lengths = torch.tensor(self.lengths)
+        dtype = self.sums.dtype
+        row_length = torch.tensor(self.row_lengths, dtype=dtype)
+        cos = self.gp.abs() / (self.g_norm.clamp_min(eps) * self.p_norm.clamp_min(eps))
+        max_cos = torch.segment_reduce(cos, "max", lengths=lengths)
+        squares = torch.segment_reduce(self.sums[:2].T.square(), "sum", lengths=lengths)
+        p_whole, g_whole = squares.T.sqrt()
+        gp_whole = torch.segment_reduce(self.gp, "sum", lengths=lengths)
+        cos_layer = gp_whole.abs() / (g_whole.clamp_min(eps) * p_whole.clamp_min(eps))
+        channel_threshold = delta / row_length.sqrt()
+        layer_threshold = delta / (row_length * lengths).sqrt()
+        channel = max_cos < channel_threshold
+        layer = (cos_layer < layer_threshold) & ~channel
+        zero = torch.zeros((), dtype=dtype)
+        row_factor = torch.where(
+            channel.repeat_interleave(lengths), (self.p_norm + eps).square().reciprocal(), zero
+        )
+        layer_factor = torch.where(layer, (p_whole + eps).square().reciprocal(), zero)
+        ratio = torch.where(channel | layer, torch.full_like(zero, wd_ratio), zero + 1)
+        keep = 1 - decay * ratio
+        if decisions is not None:
+            for t, param in enumerate(params):
+                decisions[param] = Decision(
+                    channel[t],
+                    layer[t],
+                    max_cos[t],
+                    cos_layer[t],
+                    delta / self.row_lengths[t] ** 0.5,
+                    delta / (self.row_lengths[t] * self.lengths[t]) ** 0.5,
+                )
+        return row_factor, layer_factor, keep
 
 
 def adamp_(
@@ -127,7 +181,7 @@ def adamp_(
     projection: bool,
     decisions: Decisions | None,
 ) -> None:
-    """AdamP (not nesterov) for params that pass :func:`supported`; see the module doc."""
+    """AdamP (not nesterov) for compute views that pass :func:`supported`, of one dtype."""
     torch._foreach_add_(state_steps, 1)
     tested = [k for k, p in enumerate(params) if projection and is_projectable(p)]
     untested = sorted(set(range(len(params))) - set(tested))
@@ -149,18 +203,26 @@ def adamp_(
     if not tested:
         return
     work, product = _workspace(ps, tested, 2)
-    for k in tested:
+    rows = _Rows(ps, tested, extra=False)
+    views = []
+    for j, k in enumerate(tested):
         n0 = params[k].shape[0]
         p, g = _rows(ps[k], n0), _rows(gs[k], n0)
-        w = work[: p.numel()].view(p.shape)
-        x = product[: p.numel()].view(p.shape)
-        stats = RowStatistics(
-            gp=torch.mul(p, g, out=w).sum(1),
-            g_norm=torch.linalg.vector_norm(g, dim=1),
-            p_norm=torch.linalg.vector_norm(p, dim=1),
-            row_length=p.shape[1],
-        )
-        # w ← w·(1 − 1·1) − u/bc1 = −u/bc1, and m, v updated
+        rows.add(j, p, g, product[: p.numel()].view(p.shape))
+        views.append((p, g))
+    row_factor, layer_factor, keep = rows.test(
+        [params[k] for k in tested],
+        delta=delta,
+        eps=eps,
+        wd_ratio=wd_ratio,
+        decay=lr * weight_decay,
+        decisions=decisions,
+    )
+    for j, k in enumerate(tested):
+        p, g = views[j]
+        n0 = p.shape[0]
+        w = work[: p.numel()].view(p.shape).zero_()
+        # w ← −lr·u/bc1, and m, v updated
         torch._fused_adamw_(
             [w],
             [g],
@@ -168,25 +230,14 @@ def adamp_(
             [_rows(exp_avg_sqs[k], n0)],
             [],
             [state_steps[k]],
-            lr=1.0,
-            weight_decay=1.0,
+            lr=lr,
+            weight_decay=0.0,
             **kernel,
         )
-        coefficients, keep = _scaled_rows(
-            params[k],
-            stats,
-            torch.mul(p, w, out=x).sum(1),
-            delta=delta,
-            eps=eps,
-            wd_ratio=wd_ratio,
-            decay=lr * weight_decay,
-            decisions=decisions,
-        )
-        p.mul_((keep - lr * coefficients).unsqueeze(1))
-        if isinstance(lr, Tensor):
-            p.addcmul_(w, lr)
-        else:
-            p.add_(w, alpha=lr)
+        pw = torch.sum(torch.mul(p, w, out=product[: p.numel()].view(p.shape)), 1)
+        # w_i − c_i p_i is the projected step; p ← p·(keep − c) + w
+        coefficients = torch.addcmul(pw.sum() * layer_factor[j], row_factor[rows.slice(j)], pw)
+        torch.addcmul(w, p, (keep[j] - coefficients).unsqueeze(1), out=p)
 
 
 def sgdp_(
@@ -207,40 +258,45 @@ def sgdp_(
     projection: bool,
     decisions: Decisions | None,
 ) -> None:
-    """SGDP with ``momentum > 0`` for params that pass :func:`supported`; see the module doc."""
-    decay = lr * weight_decay / (1 - momentum)
+    """SGDP (momentum > 0) for compute views that pass :func:`supported`, of one dtype."""
+    decay = lr * weight_decay / (1 - momentum) if weight_decay != 0 else 0.0
     tested = [k for k, p in enumerate(params) if projection and is_projectable(p)]
     untested = sorted(set(range(len(params))) - set(tested))
     if untested and weight_decay != 0:
         torch._foreach_mul_([ps[k] for k in untested], 1 - decay)
     if tested:
         (product,) = _workspace(ps, tested, 1)
-    sign = -1.0 if maximize else 1.0
-    for k in tested:
-        n0 = params[k].shape[0]
-        p, g = _rows(ps[k], n0), _rows(gs[k], n0)
-        b = _rows(momentum_buffers[k], n0)
-        x = product[: p.numel()].view(p.shape)
-        stats = RowStatistics(
-            gp=torch.mul(p, g, out=x).sum(1),
-            g_norm=torch.linalg.vector_norm(g, dim=1),
-            p_norm=torch.linalg.vector_norm(p, dim=1),
-            row_length=p.shape[1],
-        )
-        gp = stats.gp * sign  # the row dots of the gradient the step descends along
-        pb = torch.mul(p, b, out=x).sum(1).mul_(momentum).add_(gp, alpha=1 - dampening)
-        direction_dots = gp.add_(pb, alpha=momentum) if nesterov else pb
-        coefficients, keep = _scaled_rows(
-            params[k],
-            stats,
-            direction_dots,
+        rows = _Rows(ps, tested, extra=True)
+        views = []
+        for j, k in enumerate(tested):
+            n0 = params[k].shape[0]
+            p, g = _rows(ps[k], n0), _rows(gs[k], n0)
+            b = _rows(momentum_buffers[k], n0)
+            rows.add(j, p, g, product[: p.numel()].view(p.shape), other=b)
+            views.append(p)
+        row_factor, layer_factor, keep = rows.test(
+            [params[k] for k in tested],
             delta=delta,
             eps=eps,
             wd_ratio=wd_ratio,
-            decay=decay if weight_decay != 0 else 0.0,
+            decay=decay,
             decisions=decisions,
         )
-        p.mul_((keep + lr * coefficients).unsqueeze(1))
+        # row dots of the direction d by linearity: p·b_new = μ·(p·b) + (1−τ)·(p·g)
+        assert rows.extra is not None
+        gp = rows.gp * (-1.0 if maximize else 1.0)  # of the gradient the step descends along
+        direction = rows.extra.mul(momentum).add_(gp, alpha=1 - dampening)
+        if nesterov:
+            direction = gp.add_(direction, alpha=momentum)
+        lengths = torch.tensor(rows.lengths)
+        whole = torch.segment_reduce(direction, "sum", lengths=lengths)
+        coefficients = torch.addcmul(
+            (whole * layer_factor).repeat_interleave(lengths), row_factor, direction
+        )
+        # p ← p·(keep + lr·c) − lr·d, the last part in torch's fused SGD below
+        scales = keep.repeat_interleave(lengths) + lr * coefficients
+        for j, p in enumerate(views):
+            p.mul_(scales[rows.slice(j)].unsqueeze(1))
     torch._fused_sgd_(
         ps,
         gs,

@@ -203,27 +203,53 @@ def adamp(
             as in :class:`AdamP`.
         decisions: if given, receives the scale-invariance decision of every tested param.
     """
-    if foreach is None:
-        foreach = default_foreach(params) and not fused
-    impl = _multi_tensor_adamp if foreach else partial(_single_tensor_adamp, fused=bool(fused))
-    impl(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        delta=delta,
-        wd_ratio=wd_ratio,
-        nesterov=nesterov,
-        maximize=maximize,
-        projection=projection,
+    hyper: dict[str, Any] = dict(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, delta=delta,
+        wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, projection=projection,
         decisions=decisions,
-    )
+    )  # fmt: skip
+    tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    rest = _kernel_step(*tensors, fused=bool(fused), **hyper)
+    if not rest:
+        return
+    if foreach is None:
+        foreach = default_foreach(params)
+    impl = _multi_tensor_adamp if foreach else _single_tensor_adamp
+    impl(*([x[k] for k in rest] for x in tensors), **hyper)
+
+
+def _kernel_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    fused: bool,
+    nesterov: bool,
+    **hyper: Any,
+) -> list[int]:
+    """Step the CPU params that a fused kernel can take; return the indices of the others.
+
+    ``fused=True``: the compiled kernel of :mod:`adampx.fused`; otherwise torch's own fused
+    kernels (:mod:`adampx._torch_fused`, not with nesterov). Under ``torch.compile`` neither
+    (torch's kernels have no fake implementation): the eager math is compiled instead.
+    """
+    everything = list(range(len(params)))
+    if torch.compiler.is_compiling() or (nesterov and not fused):
+        return everything
+    ps = [compute_view(p) for p in params]
+    gs = [compute_view(g) for g in grads]
+    ms = [real(m) for m in exp_avgs]
+    vs = [real(v) for v in exp_avg_sqs]
+    fast = [k for k in everything if torch_fused.supported(params[k], ps[k], gs[k], ms[k], vs[k])]
+    impl = partial(fused_kernel.adamp_, nesterov=nesterov) if fused else torch_fused.adamp_
+    for same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).values():
+        chosen = [fast[i] for i in same_dtype]
+        impl(*([x[k] for k in chosen] for x in (params, ps, gs, ms, vs, state_steps)), **hyper)
+    for k in fast:
+        write_back_(params[k], ps[k])
+    return sorted(set(everything) - set(fast))
 
 
 def _single_tensor_adamp(
@@ -244,37 +270,13 @@ def _single_tensor_adamp(
     maximize: bool,
     projection: bool,
     decisions: Decisions | None = None,
-    fused: bool = False,
 ) -> None:
-    ps = [compute_view(p) for p in params]
-    gs = [compute_view(g) for g in grads]
-    ms = [real(m) for m in exp_avgs]
-    vs = [real(v) for v in exp_avg_sqs]
-    # torch's fused kernels have no fake implementation: a compiled step takes the plain code
-    fast = [] if torch.compiler.is_compiling() or (nesterov and not fused) else [
-        k for k, param in enumerate(params)
-        if torch_fused.supported(param, ps[k], gs[k], ms[k], vs[k])
-    ]  # fmt: skip
-    for same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).values():
-        chosen = [fast[i] for i in same_dtype]
-        impl = partial(fused_kernel.adamp_, nesterov=nesterov) if fused else torch_fused.adamp_
-        impl(
-            *([x[k] for k in chosen] for x in (params, ps, gs, ms, vs, state_steps)),
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            delta=delta,
-            wd_ratio=wd_ratio,
-            maximize=maximize,
-            projection=projection,
-            decisions=decisions,
-        )
-    for k in fast:
-        write_back_(params[k], ps[k])
-    for k in sorted(set(range(len(params))) - set(fast)):
-        param, p, g, m, v, step = params[k], ps[k], gs[k], ms[k], vs[k], state_steps[k]
+    for param, grad, m_state, v_state, step in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
+    ):
+        p = compute_view(param)
+        g = compute_view(grad)
+        m, v = real(m_state), real(v_state)
         if maximize:
             g = -g
 

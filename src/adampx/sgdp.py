@@ -16,7 +16,6 @@ package projects it by accident when nesterov is off, see the README's migration
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import partial
 from typing import Any
 
 import torch
@@ -173,25 +172,49 @@ def sgdp(
         projection: as in :class:`SGDP`.
         decisions: if given, receives the scale-invariance decision of every tested param.
     """
+    hyper: dict[str, Any] = dict(
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio, maximize=maximize,
+        projection=projection, decisions=decisions,
+    )  # fmt: skip
+    tensors = (params, grads, momentum_buffers)
+    rest = _kernel_step(*tensors, fused=bool(fused), **hyper)
+    if not rest:
+        return
     if foreach is None:
-        foreach = default_foreach(params) and not fused
-    impl = _multi_tensor_sgdp if foreach else partial(_single_tensor_sgdp, fused=bool(fused))
-    impl(
-        params,
-        grads,
-        momentum_buffers,
-        lr=lr,
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=weight_decay,
-        nesterov=nesterov,
-        eps=eps,
-        delta=delta,
-        wd_ratio=wd_ratio,
-        maximize=maximize,
-        projection=projection,
-        decisions=decisions,
-    )
+        foreach = default_foreach(params)
+    impl = _multi_tensor_sgdp if foreach else _single_tensor_sgdp
+    impl(*([x[k] for k in rest] for x in tensors), **hyper)
+
+
+def _kernel_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    fused: bool,
+    **hyper: Any,
+) -> list[int]:
+    """Step the CPU params that a fused kernel can take; return the indices of the others.
+
+    ``fused=True``: the compiled kernel of :mod:`adampx.fused`; otherwise torch's own fused
+    kernels (:mod:`adampx._torch_fused`, only with momentum). Under ``torch.compile``
+    neither (torch's kernels have no fake implementation): the eager math is compiled.
+    """
+    everything = list(range(len(params)))
+    if torch.compiler.is_compiling() or (hyper["momentum"] == 0 and not fused):
+        return everything
+    ps = [compute_view(p) for p in params]
+    gs = [compute_view(g) for g in grads]
+    bs = [real(b) for b in momentum_buffers]
+    fast = [k for k in everything if torch_fused.supported(params[k], ps[k], gs[k], bs[k])]
+    impl = fused_kernel.sgdp_ if fused else torch_fused.sgdp_
+    for same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).values():
+        chosen = [fast[i] for i in same_dtype]
+        impl(*([x[k] for k in chosen] for x in (params, ps, gs, bs)), **hyper)
+    for k in fast:
+        write_back_(params[k], ps[k])
+    return sorted(set(everything) - set(fast))
 
 
 def _single_tensor_sgdp(
@@ -210,35 +233,11 @@ def _single_tensor_sgdp(
     maximize: bool,
     projection: bool,
     decisions: Decisions | None = None,
-    fused: bool = False,
 ) -> None:
-    ps = [compute_view(p) for p in params]
-    gs = [compute_view(g) for g in grads]
-    bs = [real(b) for b in momentum_buffers]
-    # torch's fused kernels have no fake implementation: a compiled step takes the plain code
-    fast = [] if torch.compiler.is_compiling() or (momentum == 0 and not fused) else [
-        k for k, param in enumerate(params) if torch_fused.supported(param, ps[k], gs[k], bs[k])
-    ]  # fmt: skip
-    for same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).values():
-        chosen = [fast[i] for i in same_dtype]
-        (fused_kernel.sgdp_ if fused else torch_fused.sgdp_)(
-            *([x[k] for k in chosen] for x in (params, ps, gs, bs)),
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            eps=eps,
-            delta=delta,
-            wd_ratio=wd_ratio,
-            maximize=maximize,
-            projection=projection,
-            decisions=decisions,
-        )
-    for k in fast:
-        write_back_(params[k], ps[k])
-    for k in sorted(set(range(len(params))) - set(fast)):
-        param, p, g, b = params[k], ps[k], gs[k], bs[k]
+    for param, grad, b_state in zip(params, grads, momentum_buffers, strict=True):
+        p = compute_view(param)
+        g = compute_view(grad)
+        b = real(b_state)
         if maximize:
             g = -g
 
