@@ -35,7 +35,7 @@ fused kernels have no fake implementation to trace.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -83,6 +83,33 @@ def _workspace(ps: list[Tensor], tested: list[int], count: int) -> list[Tensor]:
     return list(torch.empty(count, size, dtype=ps[tested[0]].dtype, device=ps[tested[0]].device))
 
 
+class _Test(NamedTuple):
+    """The outcome of the test for the tensors of a :class:`_Rows`, per row or per tensor."""
+
+    channel: Tensor  # per row: its tensor passed in the channel view
+    layer: Tensor  # per tensor: passed in the layer view (and not the channel view)
+    row_scale: Tensor  # per row: (‖p_i‖ + eps)²
+    layer_scale: Tensor  # per tensor: (‖p‖ + eps)²
+    keep: Tensor  # per tensor: the weight-decay factor 1 − decay·r
+    lengths: Tensor  # rows per tensor
+
+    def coefficients(self, dots: Tensor, rows: slice | None = None, t: int | None = None) -> Tensor:
+        """``c_i`` with ``d_i − c_i p_i`` the projected row, from the row dots ``p_i·d_i``.
+
+        For all rows of all tensors, or (``rows``, ``t``) for the rows of tensor ``t``.
+        Chosen with ``where``, never by multiplying with zero: a NaN in one row of a tensor
+        that is not projected stays in that row.
+        """
+        zero = torch.zeros((), dtype=dots.dtype)
+        if t is None or rows is None:
+            whole = torch.segment_reduce(dots, "sum", lengths=self.lengths)
+            layer = (whole / self.layer_scale).repeat_interleave(self.lengths)
+            layer = torch.where(self.layer.repeat_interleave(self.lengths), layer, zero)
+            return torch.where(self.channel, dots / self.row_scale, layer)
+        layer = torch.where(self.layer[t], dots.sum() / self.layer_scale[t], zero)
+        return torch.where(self.channel[rows], dots / self.row_scale[rows], layer)
+
+
 class _Rows:
     """The row sums of all tested tensors of one dtype, concatenated, and the test on them.
 
@@ -122,12 +149,11 @@ class _Rows:
         wd_ratio: float,
         decay: float | Tensor,
         decisions: Decisions | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> _Test:
         """The test of ALGORITHM.md for every tensor (``params``: the tested ones, in order).
 
-        Returns ``(row_factor, layer_factor, keep)``: the projection coefficient of row
-        ``i`` of tensor ``t`` for a direction ``d`` is ``row_factor_i·(p_i·d_i) +
-        layer_factor_t·(p·d)``, and ``keep_t = 1 − decay·r_t`` is its weight-decay factor.
+        Returns a :class:`_Test`, whose :meth:`_Test.coefficients` gives the projection
+        coefficients of a direction from its row dots.
         """
         lengths = torch.tensor(self.lengths)
         dtype = self.sums.dtype
@@ -143,10 +169,6 @@ class _Rows:
         channel = max_cos < channel_threshold
         layer = (cos_layer < layer_threshold) & ~channel
         zero = torch.zeros((), dtype=dtype)
-        row_factor = torch.where(
-            channel.repeat_interleave(lengths), (self.p_norm + eps).square().reciprocal(), zero
-        )
-        layer_factor = torch.where(layer, (p_whole + eps).square().reciprocal(), zero)
         ratio = torch.where(channel | layer, torch.full_like(zero, wd_ratio), zero + 1)
         keep = 1 - decay * ratio
         if decisions is not None:
@@ -159,7 +181,14 @@ class _Rows:
                     delta / self.row_lengths[t] ** 0.5,
                     delta / (self.row_lengths[t] * self.lengths[t]) ** 0.5,
                 )
-        return row_factor, layer_factor, keep
+        return _Test(
+            channel=channel.repeat_interleave(lengths),
+            layer=layer,
+            row_scale=(self.p_norm + eps).square(),
+            layer_scale=(p_whole + eps).square(),
+            keep=keep,
+            lengths=lengths,
+        )
 
 
 def adamp_(
@@ -210,7 +239,7 @@ def adamp_(
         p, g = _rows(ps[k], n0), _rows(gs[k], n0)
         rows.add(j, p, g, product[: p.numel()].view(p.shape))
         views.append((p, g))
-    row_factor, layer_factor, keep = rows.test(
+    test = rows.test(
         [params[k] for k in tested],
         delta=delta,
         eps=eps,
@@ -236,8 +265,8 @@ def adamp_(
         )
         pw = torch.sum(torch.mul(p, w, out=product[: p.numel()].view(p.shape)), 1)
         # w_i − c_i p_i is the projected step; p ← p·(keep − c) + w
-        coefficients = torch.addcmul(pw.sum() * layer_factor[j], row_factor[rows.slice(j)], pw)
-        torch.addcmul(w, p, (keep[j] - coefficients).unsqueeze(1), out=p)
+        coefficients = test.coefficients(pw, rows.slice(j), j)
+        torch.addcmul(w, p, (test.keep[j] - coefficients).unsqueeze(1), out=p)
 
 
 def sgdp_(
@@ -274,7 +303,7 @@ def sgdp_(
             b = _rows(momentum_buffers[k], n0)
             rows.add(j, p, g, product[: p.numel()].view(p.shape), other=b)
             views.append(p)
-        row_factor, layer_factor, keep = rows.test(
+        test = rows.test(
             [params[k] for k in tested],
             delta=delta,
             eps=eps,
@@ -288,13 +317,9 @@ def sgdp_(
         direction = rows.extra.mul(momentum).add_(gp, alpha=1 - dampening)
         if nesterov:
             direction = gp.add_(direction, alpha=momentum)
-        lengths = torch.tensor(rows.lengths)
-        whole = torch.segment_reduce(direction, "sum", lengths=lengths)
-        coefficients = torch.addcmul(
-            (whole * layer_factor).repeat_interleave(lengths), row_factor, direction
-        )
         # p ← p·(keep + lr·c) − lr·d, the last part in torch's fused SGD below
-        scales = keep.repeat_interleave(lengths) + lr * coefficients
+        coefficients = test.coefficients(direction)
+        scales = test.keep.repeat_interleave(test.lengths) + lr * coefficients
         for j, p in enumerate(views):
             p.mul_(scales[rows.slice(j)].unsqueeze(1))
     torch._fused_sgd_(

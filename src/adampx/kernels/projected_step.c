@@ -44,8 +44,8 @@ static void decide(const double *sums, int64_t rows, int64_t cols, const hyper_t
                                                                                                \
 /* AdamP: the direction d = n / (sqrt(v) / sqrt(bc2) + eps), n = m or, with nesterov,       \
  * β1·m + (1−β1)·g; 1/bc1 is folded into the step size */                                     \
-static inline T adam_direction_##SUFFIX(T n, T v, T bc2_sqrt, T eps) {                       \
-    return n / (sqrt(v) / bc2_sqrt + eps);                                                     \
+static inline T adam_direction_##SUFFIX(T n, T v, T inv_bc2_sqrt, T eps) {                   \
+    return n / (sqrt(v) * inv_bc2_sqrt + eps);                                                 \
 }                                                                                              \
                                                                                                \
 void adamp_##SUFFIX(int64_t count, T **ps, T **gs, T **ms, T **vs, float **steps,              \
@@ -58,7 +58,7 @@ void adamp_##SUFFIX(int64_t count, T **ps, T **gs, T **ms, T **vs, float **steps
         T *p = ps[k]; const T *g = gs[k]; T *m = ms[k]; T *v = vs[k];                          \
         const int64_t R = rows[k], C = cols[k], N = R * C;                                     \
         const double t = (double)(*steps[k] += 1.0f);                                          \
-        const T bc2_sqrt = (T)sqrt(1.0 - pow(h->beta2, t));                                    \
+        const T inv_bc2_sqrt = (T)(1.0 / sqrt(1.0 - pow(h->beta2, t)));                       \
         const T step = (T)(h->lr / (1.0 - pow(h->beta1, t)));                                  \
         if (!tested[k]) {                                                                      \
             const T keep = (T)(1.0 - h->lr * h->weight_decay);                                 \
@@ -68,7 +68,7 @@ void adamp_##SUFFIX(int64_t count, T **ps, T **gs, T **ms, T **vs, float **steps
                 T mj = b1 * m[j] + (1 - b1) * gj, vj = b2 * v[j] + (1 - b2) * gj * gj;         \
                 T nj = nesterov ? b1 * mj + (1 - b1) * gj : mj;                             \
                 m[j] = mj; v[j] = vj;                                                          \
-                p[j] = p[j] * keep - step * adam_direction_##SUFFIX(nj, vj, bc2_sqrt, eps);    \
+                p[j] = p[j] * keep - step * adam_direction_##SUFFIX(nj, vj, inv_bc2_sqrt, eps);    \
             }                                                                                  \
             continue;                                                                          \
         }                                                                                      \
@@ -83,7 +83,7 @@ void adamp_##SUFFIX(int64_t count, T **ps, T **gs, T **ms, T **vs, float **steps
                 T mj = b1 * mi[j] + (1 - b1) * gj, vj = b2 * vi[j] + (1 - b2) * gj * gj;       \
                 mi[j] = mj; vi[j] = vj;                                                        \
                 T nj = nesterov ? b1 * mj + (1 - b1) * gj : mj;                             \
-                double pj = pi[j], dj = adam_direction_##SUFFIX(nj, vj, bc2_sqrt, eps);        \
+                double pj = pi[j], dj = adam_direction_##SUFFIX(nj, vj, inv_bc2_sqrt, eps);        \
                 pp += pj * pj; gg += (double)gj * gj; pg += pj * gj; pd += pj * dj;            \
             }                                                                                  \
             sums[4 * i] = pp; sums[4 * i + 1] = gg; sums[4 * i + 2] = pg; sums[4 * i + 3] = pd; \
@@ -97,7 +97,7 @@ void adamp_##SUFFIX(int64_t count, T **ps, T **gs, T **ms, T **vs, float **steps
             _Pragma("omp simd")                                                               \
             for (int64_t j = 0; j < C; j++) {                                                  \
                 T nj = nesterov ? b1 * mi[j] + (1 - b1) * sign * gi[j] : mi[j];             \
-                T dj = adam_direction_##SUFFIX(nj, vi[j], bc2_sqrt, eps);                      \
+                T dj = adam_direction_##SUFFIX(nj, vi[j], inv_bc2_sqrt, eps);                      \
                 pi[j] = pi[j] * keep - step * (dj - c * pi[j]);                                \
             }                                                                                  \
         }                                                                                      \

@@ -1,0 +1,855 @@
+"""The fast per-tensor paths on the CPU: torch's fused kernels (the default) and ``fused=True``.
+
+Three implementations of the per-tensor step are compared here:
+
+- ``plain``: the plain per-tensor code (``_single_tensor_adamp`` / ``_single_tensor_sgdp``),
+  forced by making ``adampx._torch_fused.supported`` answer False during the step;
+- ``default``: ``foreach=None`` on the CPU, which runs eligible tensors through
+  ``torch._fused_adamw_`` / ``torch._fused_sgd_`` (``adampx._torch_fused``);
+- ``fused``: ``fused=True``, the compiled C kernel of ``adampx.fused``.
+
+Independent references: the reference package ``adamp==0.3.0`` (with the buffer-aliasing
+fix of ``test_parity_reference.spy`` for SGDP without nesterov), and the plain path where the
+reference has no counterpart (maximize, complex, channels_last, tensor lr). The parities are
+in float64 (float32 and half params get rounding tolerances) with the projection firing, and
+:class:`PathSpy` checks that the implementation under test actually stepped the params, so
+no parity here is vacuous.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib
+import math
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+from unittest import mock
+
+import adamp as ref
+import pytest
+import torch
+from torch import Tensor, nn
+
+import test_checkpoint as ckpt
+import test_statistics as stats_model
+from adampx import SGDP, AdamP
+from adampx import _torch_fused as torch_fused
+from adampx import fused as fused_kernel
+from norm_mlp import make_model as make_norm_mlp
+from test_dtypes_shapes import leaf, make_grad
+from test_parity_reference import MODELS, check_fired, check_parity, spy
+
+F64 = dict(rtol=1e-10, atol=1e-12)
+STEPS = 6
+PATHS = ("plain", "default", "fused")
+ADAMP_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+adamp_module = importlib.import_module("adampx.adamp")
+sgdp_module = importlib.import_module("adampx.sgdp")
+
+
+# ------------------------------------------------------------------------ path helpers
+
+
+@contextlib.contextmanager
+def forced_plain() -> Iterator[None]:
+    """No tensor qualifies for the fast paths: every tensor takes the plain per-tensor code."""
+    with mock.patch.object(torch_fused, "supported", lambda *args: False):
+        yield
+
+
+def _plain_class(cls: type) -> type:
+    class Plain(cls):  # type: ignore[misc, valid-type]
+        def step(self, closure: Callable[[], Any] | None = None) -> Any:
+            with forced_plain():
+                return super().step(closure)
+
+    Plain.__name__ = f"Plain{cls.__name__}"
+    return Plain
+
+
+PLAIN = {AdamP: _plain_class(AdamP), SGDP: _plain_class(SGDP)}
+
+
+def make_opt(cls: type, path: str, params: Any, **hyper: Any) -> torch.optim.Optimizer:
+    """``cls`` on ``params`` running ``path``; a tensor lr is copied (each run its own)."""
+    hyper = {k: v.clone() if isinstance(v, Tensor) else v for k, v in hyper.items()}
+    if path == "plain":
+        return PLAIN[cls](params, foreach=False, **hyper)
+    if path == "fused":
+        return cls(params, fused=True, **hyper)
+    assert path == "default"
+    return cls(params, **hyper)
+
+
+def expected_impl(path: str, cls: type, hyper: dict[str, Any]) -> str:
+    """Which implementation ``path`` must use for plain contiguous float tensors."""
+    if path == "fused":
+        return "kernel"
+    if path == "plain":
+        return "plain"
+    if cls is AdamP and hyper.get("nesterov"):
+        return "plain"  # torch's fused AdamW has no nesterov
+    if cls is SGDP and hyper.get("momentum", 0) == 0:
+        return "plain"  # nor does torch's fused SGD without a buffer
+    return "torch_fused"
+
+
+class PathSpy:
+    """Records which implementation stepped which params.
+
+    ``torch_fused``: ``adampx._torch_fused.adamp_`` / ``sgdp_``; ``kernel``:
+    ``adampx.fused.adamp_`` / ``sgdp_``; ``plain``: the plain per-tensor loop, seen through
+    its per-tensor call of ``project_and_decay_`` (made for every tensor it steps).
+    """
+
+    IMPLS = ("torch_fused", "kernel", "plain")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.seen: dict[str, list[Tensor]] = {name: [] for name in self.IMPLS}
+        for module, impl in ((torch_fused, "torch_fused"), (fused_kernel, "kernel")):
+            for name in ("adamp_", "sgdp_"):
+                wrapped = self._wrap(getattr(module, name), impl, many=True)
+                monkeypatch.setattr(module, name, wrapped)
+        for module in (adamp_module, sgdp_module):
+            wrapped = self._wrap(module.project_and_decay_, "plain", many=False)
+            monkeypatch.setattr(module, "project_and_decay_", wrapped)
+
+    def _wrap(self, fn: Callable[..., Any], impl: str, *, many: bool) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(first: Any, *args: Any, **kwargs: Any) -> Any:
+            self.seen[impl].extend(first if many else [first])
+            return fn(first, *args, **kwargs)
+
+        return wrapper
+
+    def impls_of(self, p: Tensor) -> set[str]:
+        return {impl for impl, ps in self.seen.items() if any(q is p for q in ps)}
+
+    def assert_only(self, params: Any, impl: str) -> None:
+        """Every param in ``params`` was stepped by ``impl`` and by nothing else."""
+        for p in params:
+            assert self.impls_of(p) == {impl}, (tuple(p.shape), self.impls_of(p))
+
+    def clear(self) -> None:
+        for ps in self.seen.values():
+            ps.clear()
+
+
+@pytest.fixture
+def path_spy(monkeypatch: pytest.MonkeyPatch) -> PathSpy:
+    return PathSpy(monkeypatch)
+
+
+def all_params(opt: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def assert_same_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer, **tol: float) -> None:
+    """Same params and state (the step exactly, moments within ``tol``), same layouts."""
+    for pa, pb in zip(all_params(a), all_params(b), strict=True):
+        where = f"param {tuple(pa.shape)}"
+        torch.testing.assert_close(pb, pa, **tol, msg=lambda m, w=where: f"{w}: {m}")
+        sa, sb = a.state[pa], b.state[pb]
+        assert sa.keys() == sb.keys(), where
+        for key in sa:
+            if key == "step":
+                assert torch.equal(sb[key], sa[key]), where
+                continue
+            assert sb[key].stride() == pb.stride(), f"state {key!r} of {where} lost the layout"
+            torch.testing.assert_close(
+                sb[key], sa[key], **tol, msg=lambda m, w=f"{key} of {where}": f"{w}: {m}"
+            )
+
+
+# ----------------------------------------------------- (a) float64 parity with the reference
+
+
+ADAMP_REFERENCE_CASES = {
+    "plain": dict(lr=1e-2, betas=(0.9, 0.99)),
+    "weight-decay": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.05, wd_ratio=0.2),
+    "nesterov": dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.05, nesterov=True),
+}
+SGDP_REFERENCE_CASES = {
+    "momentum": dict(lr=0.05, momentum=0.9),
+    "nesterov": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.05),
+    "dampening": dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.05, wd_ratio=0.3),
+    "no-momentum": dict(lr=0.1, weight_decay=0.05),
+}
+
+
+def check_reference_parity(
+    path_spy: PathSpy,
+    path: str,
+    cls: type,
+    hyper: dict[str, Any],
+    reference: type,
+    state_keys: tuple[str, ...],
+) -> None:
+    """``path`` equals ``reference`` on every model, the projection fired, ``path`` ran."""
+    for model_cls in MODELS:
+        opts: list[torch.optim.Optimizer] = []
+
+        def make_new(params: Any, opts: list = opts) -> torch.optim.Optimizer:
+            opts.append(make_opt(cls, path, params, **hyper))
+            return opts[-1]
+
+        opt_ref = check_parity(model_cls, lambda ps: reference(ps, **hyper), make_new, state_keys)
+        check_fired(opt_ref, 0.1, model_cls)
+        path_spy.assert_only(all_params(opts[0]), expected_impl(path, cls, hyper))
+
+
+@pytest.mark.parametrize("path", ["default", "fused"])
+@pytest.mark.parametrize("case", list(ADAMP_REFERENCE_CASES))
+def test_adamp_matches_reference(path: str, case: str, path_spy: PathSpy) -> None:
+    hyper = ADAMP_REFERENCE_CASES[case]
+    check_reference_parity(path_spy, path, AdamP, hyper, spy(ref.AdamP), ADAMP_STATE)
+
+
+@pytest.mark.parametrize("path", ["default", "fused"])
+@pytest.mark.parametrize("case", list(SGDP_REFERENCE_CASES))
+def test_sgdp_matches_reference(path: str, case: str, path_spy: PathSpy) -> None:
+    hyper = SGDP_REFERENCE_CASES[case]
+    # the reference projects its buffer through an alias unless nesterov: fix that one bug
+    reference = spy(ref.SGDP, fixed=not hyper.get("nesterov", False))
+    check_reference_parity(path_spy, path, SGDP, hyper, reference, ("momentum",))
+
+
+def check_parity_steps(
+    model_cls: type,
+    make_a: Callable[[Any], torch.optim.Optimizer],
+    make_b: Callable[[Any], torch.optim.Optimizer],
+    steps: int = STEPS,
+) -> Iterator[torch.optim.Optimizer]:
+    """Train two copies of ``model_cls`` side by side; after every step params and state
+    are equal within F64; yields ``opt_a`` after each step."""
+    torch.manual_seed(0)
+    model_a = model_cls().double()
+    model_b = copy.deepcopy(model_a)
+    opt_a, opt_b = make_a(model_a.parameters()), make_b(model_b.parameters())
+    gen = torch.Generator().manual_seed(1234)
+    for _ in range(steps):
+        batch = model_cls.batch(gen)
+        for model, opt in ((model_a, opt_a), (model_b, opt_b)):
+            opt.zero_grad()
+            model.loss(batch).backward()
+            opt.step()
+        assert_same_state(opt_a, opt_b, **F64)
+        yield opt_a
+
+
+MAXIMIZE_CASES = {
+    "adamp": (AdamP, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.05)),
+    "adamp-nesterov": (AdamP, dict(lr=1e-2, weight_decay=0.05, nesterov=True)),
+    "sgdp": (SGDP, dict(lr=0.05, momentum=0.9, weight_decay=0.05)),
+    "sgdp-nesterov": (SGDP, dict(lr=0.05, momentum=0.9, nesterov=True)),
+    "sgdp-dampening": (SGDP, dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.05)),
+}
+
+
+@pytest.mark.parametrize("path", ["default", "fused"])
+@pytest.mark.parametrize("case", list(MAXIMIZE_CASES))
+def test_maximize_matches_plain_path(path: str, case: str, path_spy: PathSpy) -> None:
+    """The reference has no maximize: the plain path (checked against torch.optim with
+    maximize in test_parity_torch) is the reference here, on the same models and batches."""
+    cls, hyper = MAXIMIZE_CASES[case]
+    hyper = dict(hyper, maximize=True)
+    for model_cls in MODELS:
+        opts: list[torch.optim.Optimizer] = []
+
+        def make_new(params: Any, opts: list = opts) -> torch.optim.Optimizer:
+            opts.append(make_opt(cls, path, params, **hyper))
+            return opts[-1]
+
+        fired = 0
+        pairs = check_parity_steps(
+            model_cls,
+            lambda ps: make_opt(cls, "plain", ps, **hyper, track_statistics=True),
+            make_new,
+        )
+        for opt_plain in pairs:
+            fired += sum(s.view in ("channel", "layer") for s in opt_plain.statistics())
+        assert fired >= STEPS, model_cls.__name__  # the scale-invariant weight, every step
+        path_spy.assert_only(all_params(opts[0]), expected_impl(path, cls, hyper))
+
+
+# --------------------------------------- (b) the three paths agree: layouts, complex, lr
+
+
+def _random(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _complex(shape: tuple[int, ...], seed: int) -> Tensor:
+    return torch.complex(_random(shape, seed), _random(shape, seed + 100))
+
+
+def _flat_buffer_views() -> list[Tensor]:
+    """Contiguous params with storage offsets into one flat buffer (as flattening wrappers
+    make them)."""
+    buffer = _random((60,), 7)
+    return [
+        nn.Parameter(buffer[5:17].view(3, 4)),
+        nn.Parameter(buffer[20:44].view(2, 3, 2, 2)),
+        nn.Parameter(buffer[50:56]),
+    ]
+
+
+# Each case builds fresh param groups; "lr" marks the case with a tensor learning rate.
+CASES: dict[str, Callable[[], list[dict[str, Any]]]] = {
+    "channels_last": lambda: [
+        {
+            "params": [
+                leaf(_channels_last(_random((4, 3, 3, 2), 0))),
+                leaf(_channels_last(_random((3, 2, 2, 2), 1))),
+                leaf(_random((4,), 2)),
+            ]
+        }
+    ],
+    "complex": lambda: [
+        {
+            "params": [
+                leaf(_complex((4, 3), 0)),
+                leaf(_complex((2, 3, 2, 2), 1)),
+                leaf(_complex((3,), 2)),
+                leaf(_random((3, 4), 3)),
+            ]
+        }
+    ],
+    "mixed": lambda: [
+        {
+            "params": [
+                leaf(_random(shape, i))
+                for i, shape in enumerate([(4, 6), (6,), (), (1, 5), (5, 1), (3, 2, 3), (0, 3)])
+            ]
+        },
+        {
+            "params": [leaf(_random((4, 5), 10)), leaf(_random((3, 2, 2, 2), 11))],
+            "projection": False,
+        },
+    ],
+    "flat-buffer": lambda: [{"params": _flat_buffer_views()}],
+    "tensor-lr": lambda: [
+        {
+            "params": [
+                leaf(_random((4, 6), 0)),
+                leaf(_random((6,), 1)),
+                leaf(_channels_last(_random((3, 2, 2, 2), 2))),
+            ]
+        }
+    ],
+}
+
+CONFIGS = {
+    "adamp": (AdamP, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)),
+    "adamp-max": (AdamP, dict(lr=1e-2, weight_decay=0.1, wd_ratio=0.5, maximize=True)),
+    "adamp-nesterov": (
+        AdamP,
+        dict(lr=2e-2, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.05, delta=0.2, nesterov=True),
+    ),
+    "sgdp-nesterov": (SGDP, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    "sgdp-damp-max": (
+        SGDP,
+        dict(lr=0.05, momentum=0.8, dampening=0.2, weight_decay=0.1, maximize=True),
+    ),
+    "sgdp-no-momentum": (SGDP, dict(lr=0.05, weight_decay=0.1)),
+}
+
+
+def run_path(
+    cls: type,
+    path: str,
+    case: str,
+    hyper: dict[str, Any],
+    steps: int = STEPS,
+    *,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.optim.Optimizer, set[str]]:
+    """``steps`` steps of ``path`` on the params of ``case`` (gradients of make_grad: on even
+    steps orthogonal per row to the weight, so the projection fires); returns the optimizer
+    and the views in which the projection fired."""
+    groups = CASES[case]()
+    if dtype is not None:
+        groups = [{**g, "params": [leaf(p.to(dtype)) for p in g["params"]]} for g in groups]
+    if case == "tensor-lr":
+        hyper = dict(hyper, lr=torch.tensor(hyper["lr"], dtype=torch.float64))
+    # statistics only where needed: the fast paths are also checked without them
+    opt = make_opt(cls, path, groups, **hyper, track_statistics=path == "plain")
+    fired = set()
+    for k in range(steps):
+        for j, p in enumerate(all_params(opt)):
+            p.grad = make_grad(p, k, j)
+        opt.step()
+        fired |= {s.view for s in opt.statistics()}
+        if case == "tensor-lr" and k == steps // 2:
+            opt.param_groups[0]["lr"].mul_(0.5)  # as a scheduler does, in place
+    return opt, fired - {"none", "skipped"}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_paths_agree_float64(case: str, config: str, path_spy: PathSpy) -> None:
+    cls, hyper = CONFIGS[config]
+    plain, fired = run_path(cls, "plain", case, hyper)
+    assert fired, "the projection must fire"
+    path_spy.assert_only(all_params(plain), "plain")
+    for path in ("default", "fused"):
+        opt, _ = run_path(cls, path, case, hyper)
+        assert_same_state(plain, opt, **F64)
+        if case == "tensor-lr":
+            assert float(opt.param_groups[0]["lr"]) == hyper["lr"] / 2
+        for p in all_params(opt):
+            impl = "plain" if p.numel() == 0 else expected_impl(path, cls, hyper)
+            path_spy.assert_only([p], impl)
+
+
+@pytest.mark.parametrize("config", ["adamp", "adamp-nesterov", "sgdp-damp-max"])
+def test_paths_agree_float32(config: str, path_spy: PathSpy) -> None:
+    """The common case, float32: the three paths agree up to float32 rounding."""
+    cls, hyper = CONFIGS[config]
+    plain, fired = run_path(cls, "plain", "mixed", hyper, dtype=torch.float32)
+    assert fired
+    for path in ("default", "fused"):
+        opt, _ = run_path(cls, path, "mixed", hyper, dtype=torch.float32)
+        assert_same_state(plain, opt, rtol=1e-5, atol=1e-6)
+        nonempty = [p for p in all_params(opt) if p.numel()]
+        path_spy.assert_only(nonempty, expected_impl(path, cls, hyper))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", ["adamp", "sgdp-nesterov"])
+def test_fused_half_params_match_plain_path(dtype: torch.dtype, config: str, path_spy: PathSpy):
+    """Half params run through float32 copies with float32 state, like the plain path."""
+    cls, hyper = CONFIGS[config]
+    plain, _ = run_path(cls, "plain", "channels_last", hyper, dtype=dtype)
+    opt, _ = run_path(cls, "fused", "channels_last", hyper, dtype=dtype)
+    path_spy.assert_only(all_params(opt), "kernel")
+    for pa, pb in zip(all_params(plain), all_params(opt), strict=True):
+        assert pb.dtype == dtype and pb.stride() == pa.stride()
+        torch.testing.assert_close(pb, pa)  # half tolerances
+        for key, value in opt.state[pb].items():
+            assert value.dtype == torch.float32, key
+            torch.testing.assert_close(value, plain.state[pa][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", ["adamp", "adamp-nesterov", "sgdp-nesterov"])
+def test_large_tensors_on_two_threads(config: str, path_spy: PathSpy) -> None:
+    """Tensors above the kernel's threading threshold (65536 elements), on two threads: the
+    OpenMP branches of the kernel (the other tests use one thread and small tensors)."""
+
+    def params() -> list[Tensor]:
+        return [
+            leaf(_random((64, 1100), 0)),
+            leaf(_random((70000,), 1)),
+            leaf(_channels_last(_random((16, 8, 24, 24), 2))),
+        ]
+
+    cls, hyper = CONFIGS[config]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opts = {path: make_opt(cls, path, params(), **hyper) for path in PATHS}
+        for k in range(3):
+            for opt in opts.values():
+                for j, p in enumerate(all_params(opt)):
+                    p.grad = make_grad(p, k, j)
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    path_spy.assert_only(all_params(opts["fused"]), "kernel")
+    for path in ("default", "fused"):
+        assert_same_state(opts["plain"], opts[path], **F64)
+
+
+def test_workspace_contents_never_reach_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.empty`` memory may hold anything: filled with NaN, every path stays exact."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(factory: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def make(*args: Any, **kwargs: Any) -> Tensor:
+            t = factory(*args, **kwargs)
+            if t.is_floating_point() or t.is_complex():
+                t.fill_(math.nan)
+            return t
+
+        return make
+
+    for config in ("adamp", "sgdp-nesterov"):
+        cls, hyper = CONFIGS[config]
+        plain, _ = run_path(cls, "plain", "mixed", hyper)
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", poisoned(real_empty))
+            m.setattr(torch, "empty_like", poisoned(real_empty_like))
+            opts = [run_path(cls, path, "mixed", hyper)[0] for path in ("default", "fused")]
+        for opt in opts:
+            assert_same_state(plain, opt, **F64)
+
+
+NAN_CASES = [
+    pytest.param(config, path, id=f"{config}-{path}")
+    for config in ("adamp", "adamp-nesterov", "sgdp-nesterov", "sgdp-damp-max")
+    for path in ("default", "fused")
+]
+
+
+@pytest.mark.parametrize(("config", "path"), NAN_CASES)
+def test_nan_gradient_element_stays_in_its_element(config: str, path: str) -> None:
+    """Without a GradScaler a NaN gradient element makes only its own param element NaN, as
+    in the plain path and torch.optim: the test sees a NaN cosine (no view passes), so the
+    coefficients are zero, and a zero coefficient must not spread the NaN over its row or
+    tensor (``0 * NaN`` is NaN)."""
+    cls, hyper = CONFIGS[config]
+    opts = {}
+    for name in ("plain", path):
+        opt = make_opt(cls, name, [leaf(_random((4, 6), 0)), leaf(_random((6,), 1))], **hyper)
+        for k in range(2):
+            for j, p in enumerate(all_params(opt)):
+                p.grad = make_grad(p, k, j)
+            if k == 1:
+                all_params(opt)[0].grad[2, 3] = math.nan
+            opt.step()
+        opts[name] = opt
+    weight = all_params(opts["plain"])[0]
+    assert torch.isnan(weight).sum() == 1 and torch.isnan(weight[2, 3])
+    for pa, pb in zip(all_params(opts["plain"]), all_params(opts[path]), strict=True):
+        assert torch.equal(torch.isnan(pb), torch.isnan(pa)), tuple(pa.shape)
+        torch.testing.assert_close(pb, pa, equal_nan=True, **F64)
+
+
+# ------------------------------------------------------------- (c) which path ran (spies)
+
+
+def _float32_params(seed: int = 0) -> list[Tensor]:
+    return [
+        leaf(_random((4, 6), seed, torch.float32)),
+        leaf(_random((6,), seed + 1, torch.float32)),
+        leaf(_channels_last(_random((3, 2, 2, 2), seed + 2, torch.float32))),
+    ]
+
+
+def _step_once(opt: torch.optim.Optimizer) -> None:
+    for j, p in enumerate(all_params(opt)):
+        p.grad = make_grad(p, 0, j)
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    ("cls", "hyper", "impl"),
+    [
+        (AdamP, dict(lr=1e-2), "torch_fused"),
+        (AdamP, dict(lr=1e-2, foreach=False), "torch_fused"),
+        (AdamP, dict(lr=1e-2, nesterov=True), "plain"),
+        (AdamP, dict(lr=1e-2, fused=True), "kernel"),
+        (AdamP, dict(lr=1e-2, nesterov=True, fused=True), "kernel"),
+        (SGDP, dict(lr=0.1, momentum=0.9), "torch_fused"),
+        (SGDP, dict(lr=0.1), "plain"),
+        (SGDP, dict(lr=0.1, fused=True), "kernel"),
+        (SGDP, dict(lr=0.1, momentum=0.9, nesterov=True, fused=True), "kernel"),
+    ],
+    ids=[
+        "adamp-default",
+        "adamp-foreach-false",
+        "adamp-nesterov-default",
+        "adamp-fused",
+        "adamp-nesterov-fused",
+        "sgdp-default",
+        "sgdp-no-momentum-default",
+        "sgdp-no-momentum-fused",
+        "sgdp-nesterov-fused",
+    ],
+)
+def test_which_path_runs_on_cpu(cls: type, hyper: dict, impl: str, path_spy: PathSpy) -> None:
+    opt = cls(_float32_params(), **hyper)
+    _step_once(opt)
+    path_spy.assert_only(all_params(opt), impl)
+
+
+def test_forced_plain_path_is_plain(path_spy: PathSpy) -> None:
+    """The harness: ``make_opt(..., "plain", ...)`` really takes the plain per-tensor code."""
+    for cls, hyper in ((AdamP, dict(lr=1e-2)), (SGDP, dict(lr=0.1, momentum=0.9))):
+        opt = make_opt(cls, "plain", _float32_params(), **hyper)
+        _step_once(opt)
+        path_spy.assert_only(all_params(opt), "plain")
+
+
+@pytest.mark.parametrize("cls", [AdamP, SGDP])
+def test_transposed_param_falls_back_with_fused(cls: type, path_spy: PathSpy) -> None:
+    """A transposed view is no dense layout the kernel takes: that param alone runs the plain
+    code, the others the kernel, and the numbers are the plain path's."""
+    hyper = dict(lr=1e-2, weight_decay=0.1) if cls is AdamP else dict(lr=0.05, momentum=0.9)
+
+    def params() -> list[Tensor]:
+        transposed = _random((5, 7), 0).t().detach().requires_grad_()  # shape (7, 5)
+        assert transposed.stride() == (1, 7) and transposed.is_leaf
+        return [transposed, leaf(_random((4, 6), 1)), leaf(_random((6,), 2))]
+
+    opts = {path: make_opt(cls, path, params(), **hyper) for path in ("plain", "fused")}
+    for k in range(STEPS):
+        for opt in opts.values():
+            for j, p in enumerate(all_params(opt)):
+                p.grad = make_grad(p, k, j)
+            opt.step()
+    transposed, *others = all_params(opts["fused"])
+    path_spy.assert_only([transposed], "plain")
+    path_spy.assert_only(others, "kernel")
+    assert transposed.stride() == (1, 7)
+    assert_same_state(opts["plain"], opts["fused"], **F64)
+
+
+@pytest.mark.parametrize("cls", [AdamP, SGDP])
+def test_tensor_subclasses_fall_back(cls: type, path_spy: PathSpy) -> None:
+    """A subclass param (with a plain gradient) and a plain param with a subclass gradient
+    take the plain code; a plain param beside them takes the fast path."""
+
+    class Marked(Tensor):
+        pass
+
+    hyper = dict(lr=1e-2) if cls is AdamP else dict(lr=0.1, momentum=0.9)
+    for fused in (None, True):
+        path_spy.clear()
+        marked = _random((4, 3), 0, torch.float32).as_subclass(Marked).requires_grad_()
+        marked_grad, plain = (leaf(_random((4, 3), i, torch.float32)) for i in (1, 2))
+        opt = cls([marked, marked_grad, plain], **hyper, fused=fused)
+        for k in range(2):
+            marked.grad = make_grad(marked, k, 0).as_subclass(Tensor)
+            marked_grad.grad = make_grad(marked_grad, k, 1).as_subclass(Marked)
+            plain.grad = make_grad(plain, k, 2)
+            assert type(marked.grad) is Tensor and type(marked_grad.grad) is Marked
+            opt.step()
+        assert type(marked) is Marked
+        path_spy.assert_only([marked, marked_grad], "plain")
+        path_spy.assert_only([plain], "kernel" if fused else "torch_fused")
+
+
+def test_compiled_step_takes_the_plain_code(
+    monkeypatch: pytest.MonkeyPatch, path_spy: PathSpy
+) -> None:
+    """Under torch.compile (simulated: ``torch.compiler.is_compiling()`` answers True) torch's
+    fused kernels have no fake implementation, so the default path runs the plain code."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for cls, hyper in ((AdamP, dict(lr=1e-2)), (SGDP, dict(lr=0.1, momentum=0.9))):
+        opt = cls(_float32_params(), **hyper)
+        _step_once(opt)
+        path_spy.assert_only(all_params(opt), "plain")
+
+
+# ----------------------------------------------------------------------- (d) statistics
+
+
+@pytest.mark.parametrize("path", ["default", "fused"])
+@pytest.mark.parametrize("name", list(stats_model.OPTIMIZERS))
+def test_statistics_match_plain_path(name: str, path: str) -> None:
+    factory = stats_model.OPTIMIZERS[name]
+    models = {p: stats_model.make_model() for p in ("plain", path)}
+    opts = {
+        p: factory(model.named_parameters(), track_statistics=True, fused=(p == "fused") or None)
+        for p, model in models.items()
+    }
+    views = {}
+    for i in range(3):
+        records = {}
+        for p, model in models.items():
+            stats_model.backward(model, i)
+            with forced_plain() if p == "plain" else contextlib.nullcontext():
+                opts[p].step()
+            records[p] = opts[p].statistics()
+        plain, fast = records["plain"], records[path]
+        assert [r.name for r in fast] == [r.name for r in plain]
+        for a, b in zip(plain, fast, strict=True):
+            assert b.view == a.view, (a.name, i)
+            assert b.step == a.step == i + 1
+            for key in ("channel_threshold", "layer_threshold"):
+                value = getattr(a, key)
+                if math.isnan(value):
+                    assert math.isnan(getattr(b, key)), (a.name, key)
+                else:
+                    assert getattr(b, key) == pytest.approx(value, rel=1e-12), (a.name, key)
+            for key in ("max_cosine", "layer_cosine"):
+                value = getattr(a, key)
+                if math.isnan(value):
+                    assert math.isnan(getattr(b, key)), (a.name, key)
+                else:
+                    assert getattr(b, key) == pytest.approx(value, rel=1e-9, abs=1e-14), key
+            for key in ("norm", "update_norm", "lr", "effective_step", "relative_update"):
+                assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-9), (a.name, key)
+        views = {r.name: r.view for r in fast}
+    # the model exercises every outcome of the test
+    assert views[stats_model.CHANNEL_WEIGHT] == "channel"
+    assert views[stats_model.LAYER_WEIGHT] == "layer"
+    assert views[stats_model.PLAIN_WEIGHT] == "none"
+    assert "skipped" in views.values()
+
+
+# ----------------------------------------------------------------------- (e) checkpoints
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [("fused", "fused"), ("fused", "default"), ("default", "fused")],
+    ids=["fused-to-fused", "fused-to-default", "default-to-fused"],
+)
+@pytest.mark.parametrize("name", list(ckpt.OPTIMIZERS))
+def test_checkpoint_resumes_across_paths(name: str, before: str, after: str) -> None:
+    cls, hyper = ckpt.OPTIMIZERS[name]
+    flag = {"fused": dict(fused=True), "default": {}}
+    steps_before, steps_after = 3, 3
+
+    model_a = make_norm_mlp()
+    model_b = copy.deepcopy(model_a)
+    opt_a = cls(ckpt.two_groups(model_a, True, hyper), **flag[before])
+    ckpt.train(model_a, opt_a, 0, steps_before + steps_after)  # uninterrupted
+
+    opt_b = cls(ckpt.two_groups(model_b, True, hyper), **flag[before])
+    ckpt.train(model_b, opt_b, 0, steps_before)
+    checkpoint = ckpt.save_load(opt_b.state_dict())
+    model_c = copy.deepcopy(model_b)
+    opt_c = cls(ckpt.two_groups(model_c, True, [{"lr": 0.5}, {"lr": 0.5}]), **flag[after])
+    opt_c.load_state_dict(checkpoint)
+    for group, h in zip(opt_c.param_groups, hyper, strict=True):
+        assert group["fused"] is (True if after == "fused" else None)  # as constructed
+        assert all(group[key] == value for key, value in h.items())
+    ckpt.train(model_c, opt_c, steps_before, steps_after)
+
+    if before == after:  # the same code on the same numbers: bit for bit
+        ckpt.assert_params_equal(model_a, model_c)
+        for pa, pc in zip(model_a.parameters(), model_c.parameters(), strict=True):
+            ckpt.assert_state_equal(opt_a.state[pa], opt_c.state[pc])
+    else:
+        assert_same_state(opt_a, opt_c, **F64)
+    for pb, pc in zip(model_b.parameters(), model_c.parameters(), strict=True):
+        assert not torch.equal(pb, pc), "the resumed run must have moved every param"
+
+
+# ------------------------------------------------------------------------ (f) validation
+
+
+def _meta_params() -> list[Tensor]:
+    return [nn.Parameter(torch.empty(4, 3, device="meta"))]
+
+
+def _cpu_params() -> list[Tensor]:
+    return [nn.Parameter(torch.zeros(4, 3))]
+
+
+@pytest.mark.parametrize("cls", [AdamP, SGDP])
+@pytest.mark.parametrize(
+    ("kwargs", "params", "message"),
+    [
+        (dict(fused=True, foreach=True), _cpu_params, r"fused=True with foreach=True"),
+        (dict(fused=True, capturable=True), _cpu_params, r"fused=True with capturable=True"),
+        (dict(fused=True), _meta_params, r"fused=True for params on meta.*CPU"),
+        (
+            dict(capturable=True, track_statistics=True),
+            _cpu_params,
+            r"capturable=True cannot record statistics",
+        ),
+        (dict(fused="yes"), _cpu_params, r"Invalid fused: expected True, False or None, got 'yes'"),
+        (dict(fused=1), _cpu_params, r"Invalid fused: expected True, False or None, got 1"),
+        (dict(capturable=None), _cpu_params, r"Invalid capturable: expected True or False"),
+        (dict(capturable=1), _cpu_params, r"Invalid capturable: expected True or False, got 1"),
+    ],
+    ids=[
+        "fused+foreach",
+        "fused+capturable",
+        "fused-meta",
+        "capturable+statistics",
+        "fused-str",
+        "fused-int",
+        "capturable-none",
+        "capturable-int",
+    ],
+)
+def test_invalid_flags(
+    cls: type, kwargs: dict, params: Callable[[], list[Tensor]], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        cls(params(), lr=0.1, **kwargs)
+
+
+@pytest.mark.parametrize("cls", [AdamP, SGDP])
+def test_valid_flags(cls: type) -> None:
+    for kwargs in (
+        dict(fused=True),
+        dict(fused=True, foreach=False),
+        dict(fused=False, foreach=True),
+        dict(fused=None),
+        dict(capturable=True),
+        dict(capturable=True, foreach=True),
+    ):
+        opt = cls(_cpu_params(), lr=0.1, **kwargs)
+        assert all(opt.param_groups[0][key] == value for key, value in kwargs.items())
+    cls(_meta_params(), lr=0.1, fused=False)  # only fused=True needs CPU params
+
+
+@pytest.mark.parametrize("cls", [AdamP, SGDP])
+def test_rejected_fused_group_is_not_added(cls: type) -> None:
+    opt = cls(_cpu_params(), lr=0.1)
+    with pytest.raises(ValueError, match="fused=True for params on meta"):
+        opt.add_param_group({"params": _meta_params(), "fused": True})
+    with pytest.raises(ValueError, match="fused=True with capturable=True"):
+        opt.add_param_group({"params": _cpu_params(), "fused": True, "capturable": True})
+    assert len(opt.param_groups) == 1
+
+
+# ------------------------------------------------------------------ (g) building the kernel
+
+
+def test_missing_compiler_raises_kernel_build_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    cache = tmp_path / "cache"
+    with monkeypatch.context() as m:
+        m.setenv("CC", str(tmp_path / "no-such-cc"))
+        m.setenv("ADAMPX_KERNEL_CACHE", str(cache))
+        with pytest.raises(fused_kernel.KernelBuildError, match=r"C compiler.*no-such-cc"):
+            fused_kernel.load()
+        # the constructor builds the kernel, so the error surfaces there, not in a step
+        with pytest.raises(fused_kernel.KernelBuildError, match="no-such-cc"):
+            AdamP(_cpu_params(), fused=True)
+        assert not list(cache.glob("**/*.so"))
+    path = fused_kernel.load()  # back to the usual cache, for the tests that follow
+    assert path.exists() and path.parent == fused_kernel.cache_dir()
+
+
+def test_failing_compiler_raises_kernel_build_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` program")
+    with monkeypatch.context() as m:
+        m.setenv("CC", false)
+        m.setenv("ADAMPX_KERNEL_CACHE", str(tmp_path))
+        with pytest.raises(fused_kernel.KernelBuildError, match="building the kernel failed"):
+            fused_kernel.load()
+        assert not list(tmp_path.glob("**/*.so"))
+    fused_kernel.load()
+
+
+def test_kernel_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    with monkeypatch.context() as m:
+        m.setenv("ADAMPX_KERNEL_CACHE", str(tmp_path))
+        path = fused_kernel.load()
+        assert path.parent == tmp_path and path.suffix == ".so" and path.exists()
+        assert list(tmp_path.iterdir()) == [path]  # no build leftovers
+        mtime = path.stat().st_mtime_ns
+
+        def no_build(*args: Any) -> None:
+            raise AssertionError("the cached kernel was rebuilt")
+
+        m.setattr(fused_kernel, "_compile", no_build)
+        assert fused_kernel.load() == path
+        assert path.stat().st_mtime_ns == mtime
+        # and the freshly built kernel steps like the plain path
+        plain, _ = run_path(AdamP, "plain", "channels_last", CONFIGS["adamp"][1], steps=2)
+        fused, _ = run_path(AdamP, "fused", "channels_last", CONFIGS["adamp"][1], steps=2)
+        assert_same_state(plain, fused, **F64)
+    restored = fused_kernel.load()
+    assert restored.parent == fused_kernel.cache_dir() != tmp_path
