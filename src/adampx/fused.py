@@ -3,9 +3,11 @@
 The kernel (``adampx/kernels/projected_step.c``) makes two passes over each tested tensor:
 the first updates the moments and sums ``p·p``, ``g·g``, ``p·g`` and ``p·d`` per row with the
 update direction ``d`` computed on the fly; the test then runs on those sums; the second
-pass recomputes ``d`` from the stored moments and writes the param. That is 7 reads and 3
-writes of a param-sized array for AdamP, against AdamW's 4 and 3, and one call for the whole
-param group, with no temporaries beyond a few numbers per row.
+pass writes the param. AdamP keeps ``d`` in a workspace as large as the largest tensor
+between the passes (recomputing its square root and division cost more time than the
+memory traffic); SGDP recomputes ``d`` from its momentum. AdamP reads 6 and writes 4
+param-sized arrays, against AdamW's 4 and 3, SGDP 5 and 2 against SGD's 3 and 2; one call
+steps the whole param group.
 
 The kernel is plain C with OpenMP. It is compiled on first use with the system C compiler
 (``$CC``, else ``cc``; about a second) and cached under ``$ADAMPX_KERNEL_CACHE``, else
@@ -189,8 +191,12 @@ def _run(
         _int_array(ctypes.c_int32, [int(t) for t in tested]),
         ctypes.byref(hyper),
         _PTR(work.data_ptr()),
-        _PTR(out.data_ptr()),
     ]
+    if name == "adamp":  # AdamP keeps the direction of the tensor in hand between its passes
+        largest = max([p.numel() for p, t in zip(ps, tested, strict=True) if t], default=1)
+        direction = torch.empty(largest, dtype=ps[0].dtype)
+        args.append(_PTR(direction.data_ptr()))
+    args.append(_PTR(out.data_ptr()))
     getattr(_library(), f"{name}_{suffix}")(*args)
     if decisions is None:
         return
