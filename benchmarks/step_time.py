@@ -13,8 +13,10 @@ family), and the peak extra memory of one step.
 
 Peak extra memory is measured by counting, during one (non-first) step, the bytes of every
 tensor that an operation creates and that is still alive, through a
-``TorchDispatchMode``; the peak of that count is what the step needs beyond the params,
-gradients and optimizer state. It counts tensors, not allocator blocks.
+``TorchDispatchMode``; the peak of that count, plus the scratch buffers an adampx optimizer
+keeps between steps (its workspace: one or two buffers as large as the largest tensor), is
+what the step needs beyond the params, gradients and optimizer state. It counts tensors, not
+allocator blocks.
 
 The end-to-end row times forward + backward + step of a ResNet-18 layout (CIFAR stem) on
 32×32 inputs, batch 64, AdamP vs AdamW (both default paths), interleaved, and reports
@@ -145,10 +147,13 @@ class _LiveBytes(TorchDispatchMode):
 
 
 def peak_extra_mib(optimizer: Any) -> float:
-    """Peak MiB of tensors one step creates (the optimizer has stepped before)."""
+    """Peak MiB of tensors one step creates (the optimizer has stepped before), plus the
+    scratch buffers an adampx optimizer keeps between steps (its workspace)."""
     with _LiveBytes() as mode:
         optimizer.step()
-    return mode.peak / 2**20
+    buffers = getattr(getattr(optimizer, "_workspace", None), "_buffers", {})
+    kept = sum(b.numel() * b.element_size() for b in buffers.values())
+    return (mode.peak + kept) / 2**20
 
 
 def measure_set(name: str, rounds: int, seed: int = 0) -> list[dict[str, Any]]:

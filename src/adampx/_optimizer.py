@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adampx._shared_step import Decisions
-from adampx._tensors import check_param, state_dtype, step_tensor
+from adampx._tensors import Workspace, check_param, state_dtype, step_tensor
 from adampx.statistics import StatisticsRecorder, TensorStatistics
 
 # Group keys that other optimizers write into their checkpoints and that mean nothing here.
@@ -103,6 +103,7 @@ class ProjectedOptimizer(Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._statistics = StatisticsRecorder()
+        self._workspace = Workspace()  # scratch buffers of the CPU kernels, kept between steps
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -194,6 +195,7 @@ class ProjectedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_statistics", StatisticsRecorder())
+        self.__dict__.setdefault("_workspace", Workspace())
         for group in self.param_groups:
             for key, default in self.defaults.items():
                 # torch adds defaults["differentiable"]; "fused" and "capturable" are ours

@@ -111,3 +111,37 @@ def step_tensor(p: Tensor, value: float = 0.0) -> Tensor:
     Kept on the device so that bias corrections never read a value back to the host.
     """
     return torch.full((), value, dtype=torch.float32, device=p.device)
+
+
+class Workspace:
+    """Scratch buffers that an optimizer keeps between steps.
+
+    The CPU kernels need a few buffers as large as the largest tensor. Allocated afresh at
+    every step, memory of that size comes from the operating system each time and is
+    touched page by page (measured: the AdamP step on ResNet-50 shapes ran 2.6x slower, with
+    the page faults of a 9 MiB buffer, once the allocator had started to return such blocks
+    to the system). A :class:`Workspace` keeps the largest buffer asked for under each
+    name, so its memory is that of the largest tensor, per name, for the optimizer's life.
+    The contents are scratch: every user writes before it reads.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, str], Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A flat buffer of ``numel`` elements (a view of the kept one)."""
+        key = (name, dtype, str(device))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buffer
+        return buffer[:numel]
+
+
+def scratch(
+    workspace: Workspace | None, name: str, numel: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """A buffer from ``workspace``, or a fresh one without (functional calls)."""
+    if workspace is None:
+        return torch.empty(numel, dtype=dtype, device=device)
+    return workspace.get(name, numel, dtype, device)

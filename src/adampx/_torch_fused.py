@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from adampx._shared_step import Decisions
+from adampx._tensors import Workspace, scratch
 from adampx.projection import Decision, is_projectable
 
 _DTYPES = (torch.float32, torch.float64)
@@ -77,10 +78,13 @@ def _rows(t: Tensor, n0: int) -> Tensor:
     return t.as_strided((n0, t.numel() // n0), (t.numel() // n0, 1))
 
 
-def _workspace(ps: list[Tensor], tested: list[int], count: int) -> list[Tensor]:
-    """``count`` flat buffers as large as the largest tested tensor."""
+def _buffers(
+    ps: list[Tensor], tested: list[int], names: tuple[str, ...], workspace: Workspace | None
+) -> list[Tensor]:
+    """Flat buffers as large as the largest tested tensor, one per name."""
     size = max(ps[i].numel() for i in tested)
-    return list(torch.empty(count, size, dtype=ps[tested[0]].dtype, device=ps[tested[0]].device))
+    like = ps[tested[0]]
+    return [scratch(workspace, name, size, like.dtype, like.device) for name in names]
 
 
 class _Test(NamedTuple):
@@ -209,6 +213,7 @@ def adamp_(
     maximize: bool,
     projection: bool,
     decisions: Decisions | None,
+    workspace: Workspace | None = None,
 ) -> None:
     """AdamP (not nesterov) for compute views that pass :func:`supported`, of one dtype."""
     torch._foreach_add_(state_steps, 1)
@@ -231,7 +236,7 @@ def adamp_(
         )
     if not tested:
         return
-    work, product = _workspace(ps, tested, 2)
+    work, product = _buffers(ps, tested, ("work", "product"), workspace)
     rows = _Rows(ps, tested, extra=False)
     views = []
     for j, k in enumerate(tested):
@@ -286,6 +291,7 @@ def sgdp_(
     maximize: bool,
     projection: bool,
     decisions: Decisions | None,
+    workspace: Workspace | None = None,
 ) -> None:
     """SGDP (momentum > 0) for compute views that pass :func:`supported`, of one dtype."""
     decay = lr * weight_decay / (1 - momentum) if weight_decay != 0 else 0.0
@@ -294,7 +300,7 @@ def sgdp_(
     if untested and weight_decay != 0:
         torch._foreach_mul_([ps[k] for k in untested], 1 - decay)
     if tested:
-        (product,) = _workspace(ps, tested, 1)
+        (product,) = _buffers(ps, tested, ("product",), workspace)
         rows = _Rows(ps, tested, extra=True)
         views = []
         for j, k in enumerate(tested):

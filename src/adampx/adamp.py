@@ -29,6 +29,7 @@ from adampx import fused as fused_kernel
 from adampx._optimizer import ProjectedOptimizer, check_flag, check_range
 from adampx._shared_step import Decisions, foreach_project_and_decay_, project_and_decay_
 from adampx._tensors import (
+    Workspace,
     compute_view,
     group_by_device_and_dtype,
     real,
@@ -152,6 +153,7 @@ class AdamP(ProjectedOptimizer):
             maximize=group["maximize"],
             projection=group["projection"],
             decisions=decisions,
+            workspace=self._workspace,
         )
 
 
@@ -191,6 +193,7 @@ def adamp(
     maximize: bool,
     projection: bool,
     decisions: Decisions | None = None,
+    workspace: Workspace | None = None,
 ) -> None:
     """Functional AdamP step, in place on ``params`` and the state lists (see module doc).
 
@@ -202,6 +205,8 @@ def adamp(
         lr, beta1, beta2, eps, weight_decay, delta, wd_ratio, nesterov, maximize, projection:
             as in :class:`AdamP`.
         decisions: if given, receives the scale-invariance decision of every tested param.
+        workspace: scratch buffers kept between calls (the optimizer passes its own);
+            without, the CPU kernels allocate theirs at every call.
     """
     hyper: dict[str, Any] = dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, delta=delta,
@@ -209,7 +214,7 @@ def adamp(
         decisions=decisions,
     )  # fmt: skip
     tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    rest = _kernel_step(*tensors, fused=bool(fused), **hyper)
+    rest = _kernel_step(*tensors, fused=bool(fused), workspace=workspace, **hyper)
     if not rest:
         return
     if foreach is None:
@@ -226,6 +231,7 @@ def _kernel_step(
     state_steps: list[Tensor],
     *,
     fused: bool,
+    workspace: Workspace | None,
     nesterov: bool,
     **hyper: Any,
 ) -> list[int]:
@@ -246,7 +252,11 @@ def _kernel_step(
     impl = partial(fused_kernel.adamp_, nesterov=nesterov) if fused else torch_fused.adamp_
     for same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).values():
         chosen = [fast[i] for i in same_dtype]
-        impl(*([x[k] for k in chosen] for x in (params, ps, gs, ms, vs, state_steps)), **hyper)
+        impl(
+            *([x[k] for k in chosen] for x in (params, ps, gs, ms, vs, state_steps)),
+            workspace=workspace,
+            **hyper,
+        )
     for k in fast:
         write_back_(params[k], ps[k])
     return sorted(set(everything) - set(fast))

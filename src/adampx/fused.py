@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from adampx._shared_step import Decisions
+from adampx._tensors import Workspace, scratch
 from adampx.projection import Decision, is_projectable
 
 __all__ = ["KernelBuildError", "load"]
@@ -173,6 +174,7 @@ def _run(
     *,
     projection: bool,
     decisions: Decisions | None,
+    workspace: Workspace | None,
     steps: list[Tensor] | None = None,
 ) -> None:
     """Call ``name`` (adamp / sgdp) for params of one dtype; record decisions if asked."""
@@ -194,7 +196,7 @@ def _run(
     ]
     if name == "adamp":  # AdamP keeps the direction of the tensor in hand between its passes
         largest = max([p.numel() for p, t in zip(ps, tested, strict=True) if t], default=1)
-        direction = torch.empty(largest, dtype=ps[0].dtype)
+        direction = scratch(workspace, "direction", largest, ps[0].dtype, ps[0].device)
         args.append(_PTR(direction.data_ptr()))
     args.append(_PTR(out.data_ptr()))
     getattr(_library(), f"{name}_{suffix}")(*args)
@@ -231,6 +233,7 @@ def adamp_(
     maximize: bool,
     projection: bool,
     decisions: Decisions | None,
+    workspace: Workspace | None = None,
 ) -> None:
     """AdamP for compute views of one dtype and dense layout (see the module doc)."""
     hyper = _hyper(
@@ -245,6 +248,7 @@ def adamp_(
         hyper,
         projection=projection,
         decisions=decisions,
+        workspace=workspace,
         steps=state_steps,
     )
 
@@ -266,6 +270,7 @@ def sgdp_(
     maximize: bool,
     projection: bool,
     decisions: Decisions | None,
+    workspace: Workspace | None = None,
 ) -> None:
     """SGDP for compute views of one dtype and dense layout (see the module doc)."""
     hyper = _hyper(
@@ -280,4 +285,5 @@ def sgdp_(
         hyper,
         projection=projection,
         decisions=decisions,
+        workspace=workspace,
     )

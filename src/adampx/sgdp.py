@@ -26,7 +26,14 @@ from adampx import _torch_fused as torch_fused
 from adampx import fused as fused_kernel
 from adampx._optimizer import ProjectedOptimizer, check_flag, check_range
 from adampx._shared_step import Decisions, foreach_project_and_decay_, project_and_decay_
-from adampx._tensors import compute_view, group_by_device_and_dtype, real, write_back_, zeros_state
+from adampx._tensors import (
+    Workspace,
+    compute_view,
+    group_by_device_and_dtype,
+    real,
+    write_back_,
+    zeros_state,
+)
 from adampx.adamp import default_foreach
 
 __all__ = ["SGDP", "sgdp"]
@@ -140,6 +147,7 @@ class SGDP(ProjectedOptimizer):
             maximize=group["maximize"],
             projection=group["projection"],
             decisions=decisions,
+            workspace=self._workspace,
         )
 
 
@@ -161,6 +169,7 @@ def sgdp(
     maximize: bool,
     projection: bool,
     decisions: Decisions | None = None,
+    workspace: Workspace | None = None,
 ) -> None:
     """Functional SGDP step, in place on ``params`` and ``momentum_buffers`` (see module doc).
 
@@ -171,6 +180,8 @@ def sgdp(
         lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio, maximize,
         projection: as in :class:`SGDP`.
         decisions: if given, receives the scale-invariance decision of every tested param.
+        workspace: scratch buffers kept between calls (the optimizer passes its own);
+            without, the CPU kernels allocate theirs at every call.
     """
     hyper: dict[str, Any] = dict(
         lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -178,7 +189,7 @@ def sgdp(
         projection=projection, decisions=decisions,
     )  # fmt: skip
     tensors = (params, grads, momentum_buffers)
-    rest = _kernel_step(*tensors, fused=bool(fused), **hyper)
+    rest = _kernel_step(*tensors, fused=bool(fused), workspace=workspace, **hyper)
     if not rest:
         return
     if foreach is None:
@@ -193,6 +204,7 @@ def _kernel_step(
     momentum_buffers: list[Tensor],
     *,
     fused: bool,
+    workspace: Workspace | None,
     **hyper: Any,
 ) -> list[int]:
     """Step the CPU params that a fused kernel can take; return the indices of the others.
@@ -211,7 +223,7 @@ def _kernel_step(
     impl = fused_kernel.sgdp_ if fused else torch_fused.sgdp_
     for same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).values():
         chosen = [fast[i] for i in same_dtype]
-        impl(*([x[k] for k in chosen] for x in (params, ps, gs, bs)), **hyper)
+        impl(*([x[k] for k in chosen] for x in (params, ps, gs, bs)), workspace=workspace, **hyper)
     for k in fast:
         write_back_(params[k], ps[k])
     return sorted(set(everything) - set(fast))
