@@ -18,6 +18,9 @@ keeps between steps (its workspace: one or two buffers as large as the largest t
 what the step needs beyond the params, gradients and optimizer state. It counts tensors, not
 allocator blocks.
 
+Every timed call runs with Python's garbage collector off (collected just before), as
+``timeit`` does, so that a collection does not land on one candidate.
+
 The end-to-end row times forward + backward + step of a ResNet-18 layout (CIFAR stem) on
 32×32 inputs, batch 64, AdamP vs AdamW (both default paths), interleaved, and reports
 AdamP's overhead as a percentage with the spread over rounds.
@@ -26,6 +29,7 @@ AdamP's overhead as a percentage with the spread over rounds.
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import statistics
 import time
@@ -146,6 +150,23 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds ``fn()`` takes, with Python's garbage collector run before and off during.
+
+    As ``timeit`` does: with a dozen optimizers over the same shapes alive in one process, a
+    collection that happens to start inside a step cost tens of milliseconds, and it lands
+    on whichever candidate allocates Python objects at that moment.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
+
+
 def peak_extra_mib(optimizer: Any) -> float:
     """Peak MiB of tensors one step creates (the optimizer has stepped before), plus the
     scratch buffers an adampx optimizer keeps between steps (its workspace)."""
@@ -173,9 +194,7 @@ def measure_set(name: str, rounds: int, seed: int = 0) -> list[dict[str, Any]]:
     times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(rounds):
         for label, (_, optimizer) in runs.items():
-            start = time.perf_counter()
-            optimizer.step()
-            times[label].append(time.perf_counter() - start)
+            times[label].append(timed(optimizer.step))
     medians = {label: statistics.median(ts) for label, ts in times.items()}
     rows = []
     for label, (family, optimizer) in runs.items():
@@ -218,12 +237,15 @@ def end_to_end(rounds: int) -> None:
     times: dict[str, list[float]] = {label: [] for label in setups}
     for r in range(rounds + 1):
         for label, (model, optimizer) in setups.items():
-            start = time.perf_counter()
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
+
+            def train_step(model: Any = model, optimizer: Any = optimizer) -> None:
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+
+            seconds = timed(train_step)
             if r:  # the first round creates the state
-                times[label].append(time.perf_counter() - start)
+                times[label].append(seconds)
     overhead = [100 * (p / w - 1) for p, w in zip(times["AdamP"], times["AdamW"], strict=True)]
     q = statistics.quantiles(overhead, n=4)
     print(f"\nend to end, ResNet-18 (CIFAR stem), 32×32, batch 64, {rounds} interleaved rounds")
