@@ -35,6 +35,7 @@ fused kernels have no fake implementation to trace.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -161,15 +162,18 @@ class _Rows:
         """
         lengths = torch.tensor(self.lengths)
         dtype = self.sums.dtype
-        row_length = torch.tensor(self.row_lengths, dtype=dtype)
         cos = self.gp.abs() / (self.g_norm.clamp_min(eps) * self.p_norm.clamp_min(eps))
         max_cos = torch.segment_reduce(cos, "max", lengths=lengths)
         squares = torch.segment_reduce(self.sums[:2].T.square(), "sum", lengths=lengths)
         p_whole, g_whole = squares.T.sqrt()
         gp_whole = torch.segment_reduce(self.gp, "sum", lengths=lengths)
         cos_layer = gp_whole.abs() / (g_whole.clamp_min(eps) * p_whole.clamp_min(eps))
-        channel_threshold = delta / row_length.sqrt()
-        layer_threshold = delta / (row_length * lengths).sqrt()
+        # thresholds in Python floats, as the per-tensor test compares against them
+        thresholds = [
+            (delta / math.sqrt(k), delta / math.sqrt(k * n))
+            for k, n in zip(self.row_lengths, self.lengths, strict=True)
+        ]
+        channel_threshold, layer_threshold = torch.tensor(thresholds, dtype=dtype).T
         channel = max_cos < channel_threshold
         layer = (cos_layer < layer_threshold) & ~channel
         zero = torch.zeros((), dtype=dtype)
@@ -182,8 +186,7 @@ class _Rows:
                     layer[t],
                     max_cos[t],
                     cos_layer[t],
-                    delta / self.row_lengths[t] ** 0.5,
-                    delta / (self.row_lengths[t] * self.lengths[t]) ** 0.5,
+                    *thresholds[t],
                 )
         return _Test(
             channel=channel.repeat_interleave(lengths),
