@@ -853,3 +853,24 @@ def test_kernel_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
         assert_same_state(plain, fused, **F64)
     restored = fused_kernel.load()
     assert restored.parent == fused_kernel.cache_dir() != tmp_path
+
+
+def test_fused_step_counter_of_another_dtype_takes_the_eager_math() -> None:
+    """The C kernel increments a float32 step in place; a float64 step (edited state) must not
+    be read as float32: that tensor takes the eager math and still steps like AdamW."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    ours = torch.nn.Parameter(x.clone())
+    ref = torch.nn.Parameter(x.clone())
+    opt = AdamP([ours], lr=1e-2, delta=0.0, fused=True)
+    opt_ref = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.0)
+    for k in range(3):
+        g = torch.randn(4, 3, dtype=torch.float64)
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        opt_ref.step()
+        if k == 0:
+            opt.state[ours]["step"] = opt.state[ours]["step"].double()
+    assert opt.state[ours]["step"].dtype == torch.float64
+    assert float(opt.state[ours]["step"]) == 3.0
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)

@@ -248,7 +248,12 @@ def _kernel_step(
     gs = [compute_view(g) for g in grads]
     ms = [real(m) for m in exp_avgs]
     vs = [real(v) for v in exp_avg_sqs]
-    fast = [k for k in everything if torch_fused.supported(params[k], ps[k], gs[k], ms[k], vs[k])]
+    fast = [
+        k
+        for k in everything
+        if torch_fused.supported(params[k], ps[k], gs[k], ms[k], vs[k])
+        and (not fused or fused_kernel.step_supported(state_steps[k]))
+    ]
     impl = partial(fused_kernel.adamp_, nesterov=nesterov) if fused else torch_fused.adamp_
     for same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).values():
         chosen = [fast[i] for i in same_dtype]

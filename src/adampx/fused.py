@@ -41,7 +41,7 @@ from adampx._shared_step import Decisions
 from adampx._tensors import Workspace, scratch
 from adampx.projection import Decision, is_projectable
 
-__all__ = ["KernelBuildError", "load"]
+__all__ = ["KernelBuildError", "build_seconds", "cache_dir", "load"]
 
 # -fno-math-errno lets sqrt vectorise; it changes no result (IEEE sqrt is exact either way)
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-fopenmp")
@@ -149,6 +149,11 @@ def _library() -> ctypes.CDLL:
         load()
     assert _LIBRARY is not None
     return _LIBRARY
+
+
+def step_supported(step: Tensor) -> bool:
+    """The kernel increments AdamP's step counter in place: a 0-d float32 CPU tensor."""
+    return step.dtype == torch.float32 and step.device.type == "cpu" and step.dim() == 0
 
 
 def _pointers(tensors: list[Tensor]) -> Any:
