@@ -11,8 +11,10 @@ Per tensor ``p`` with gradient ``g`` at step ``t`` (from 1)::
     p ← p · (1 − lr·λ·r)
     p ← p − lr / (1 − β1^t) · u
 
-``AdamP.step`` gathers the tensors of each param group and makes one call to :func:`adamp`,
-which dispatches to a per-tensor or a multi-tensor (``torch._foreach_*``) implementation.
+``AdamP.step`` gathers the tensors of each param group and makes one call to :func:`adamp`.
+That steps the CPU tensors a fused kernel can take (torch's own, :mod:`adampx._torch_fused`,
+or with ``fused=True`` the C kernel of :mod:`adampx.fused`) and runs the rest through a
+per-tensor or a multi-tensor (``torch._foreach_*``) implementation of the math above.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ Per tensor ``p`` with gradient ``g``, momentum ``μ``, dampening ``τ``::
 
 The momentum buffer ``b`` itself is never projected (the paper's algorithm; the reference
 package projects it by accident when nesterov is off, see the README's migration notes).
+
+As in :mod:`adampx.adamp`, the functional :func:`sgdp` steps the CPU tensors a fused kernel
+can take first (:mod:`adampx._torch_fused` with momentum, or ``fused=True``) and runs the
+rest through the per-tensor or multi-tensor implementation.
 """
 
 from __future__ import annotations
