@@ -874,3 +874,18 @@ def test_fused_step_counter_of_another_dtype_takes_the_eager_math() -> None:
     assert opt.state[ours]["step"].dtype == torch.float64
     assert float(opt.state[ours]["step"]) == 3.0
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_unwritable_kernel_cache_is_a_build_error(monkeypatch, tmp_path) -> None:
+    """A cache directory that cannot be created names the variable that moves it."""
+    import adampx.fused
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ADAMPX_KERNEL_CACHE", str(blocker / "cache"))
+    try:
+        with pytest.raises(adampx.fused.KernelBuildError, match="ADAMPX_KERNEL_CACHE"):
+            adampx.fused.load()
+    finally:
+        monkeypatch.undo()
+        adampx.fused.load()

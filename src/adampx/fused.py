@@ -120,8 +120,14 @@ def load() -> Path:
             ).hexdigest()[:16]
             target = cache_dir() / f"projected_step-{key}.so"
             if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _compile(source, target, compiler)
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    _compile(source, target, compiler)
+                except OSError as exc:  # the cache cannot be written
+                    raise KernelBuildError(
+                        f"fused=True: cannot write the kernel cache {target.parent} ({exc}); "
+                        "set ADAMPX_KERNEL_CACHE to a writable directory"
+                    ) from exc
         if _LIBRARY is None or _LIBRARY._name != str(target):
             _LIBRARY = ctypes.CDLL(str(target))
         return target
