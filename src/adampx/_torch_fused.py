@@ -38,13 +38,21 @@ fused kernels have no fake implementation to trace.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from adampx._shared_step import Decisions
-from adampx._tensors import Workspace, scratch
+from adampx._tensors import (
+    Workspace,
+    compute_view,
+    group_by_device_and_dtype,
+    real,
+    scratch,
+    write_back_,
+)
 from adampx.projection import Decision, is_projectable
 
 _DTYPES = (torch.float32, torch.float64)
@@ -70,6 +78,41 @@ def supported(param: Tensor, p: Tensor, g: Tensor, *states: Tensor) -> bool:
     return layout is not None and all(
         _layout(t) == layout and t.stride() == p.stride() for t in (g, *states)
     )
+
+
+def kernel_step(
+    impl: Callable[..., None],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[list[Tensor]],
+    *,
+    steps: list[Tensor] | None = None,
+    step_ok: Callable[[Tensor], bool] | None = None,
+    **hyper: Any,
+) -> list[int]:
+    """Step with ``impl`` the params that :func:`supported` admits; return the others' indices.
+
+    ``impl`` (AdamP's or SGDP's step here or in :mod:`adampx.fused`) gets, per dtype, the
+    params, their compute views, the gradients' and the state lists' (then ``steps``), and
+    ``hyper``. ``step_ok`` further restricts which step counters it can take. Half params
+    are written back from their float32 copies.
+    """
+    ps = [compute_view(p) for p in params]
+    gs = [compute_view(g) for g in grads]
+    ss = [[real(t) for t in state] for state in states]
+    fast = [
+        k
+        for k in range(len(params))
+        if supported(params[k], ps[k], gs[k], *(state[k] for state in ss))
+        and (step_ok is None or steps is None or step_ok(steps[k]))
+    ]
+    extra = [] if steps is None else [steps]
+    for same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).values():
+        chosen = [fast[i] for i in same_dtype]
+        impl(*([x[k] for k in chosen] for x in (params, ps, gs, *ss, *extra)), **hyper)
+    for k in fast:
+        write_back_(params[k], ps[k])
+    return sorted(set(range(len(params))) - set(fast))
 
 
 def _rows(t: Tensor, n0: int) -> Tensor:

@@ -19,7 +19,7 @@ per-tensor or a multi-tensor (``torch._foreach_*``) implementation of the math a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -243,30 +243,23 @@ def _kernel_step(
     kernels (:mod:`adampx._torch_fused`, not with nesterov). Under ``torch.compile`` neither
     (torch's kernels have no fake implementation): the eager math is compiled instead.
     """
-    everything = list(range(len(params)))
     if torch.compiler.is_compiling() or (nesterov and not fused):
-        return everything
-    ps = [compute_view(p) for p in params]
-    gs = [compute_view(g) for g in grads]
-    ms = [real(m) for m in exp_avgs]
-    vs = [real(v) for v in exp_avg_sqs]
-    fast = [
-        k
-        for k in everything
-        if torch_fused.supported(params[k], ps[k], gs[k], ms[k], vs[k])
-        and (not fused or fused_kernel.step_supported(state_steps[k]))
-    ]
-    impl = partial(fused_kernel.adamp_, nesterov=nesterov) if fused else torch_fused.adamp_
-    for same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).values():
-        chosen = [fast[i] for i in same_dtype]
-        impl(
-            *([x[k] for k in chosen] for x in (params, ps, gs, ms, vs, state_steps)),
-            workspace=workspace,
-            **hyper,
-        )
-    for k in fast:
-        write_back_(params[k], ps[k])
-    return sorted(set(everything) - set(fast))
+        return list(range(len(params)))
+    impl: Callable[..., None] = torch_fused.adamp_
+    step_ok: Callable[[Tensor], bool] | None = None
+    if fused:  # the C kernel also takes nesterov, and increments float32 step counters itself
+        impl = partial(fused_kernel.adamp_, nesterov=nesterov)
+        step_ok = fused_kernel.step_supported
+    return torch_fused.kernel_step(
+        impl,
+        params,
+        grads,
+        [exp_avgs, exp_avg_sqs],
+        steps=state_steps,
+        step_ok=step_ok,
+        workspace=workspace,
+        **hyper,
+    )
 
 
 def _single_tensor_adamp(

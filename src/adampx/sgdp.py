@@ -217,20 +217,12 @@ def _kernel_step(
     kernels (:mod:`adampx._torch_fused`, only with momentum). Under ``torch.compile``
     neither (torch's kernels have no fake implementation): the eager math is compiled.
     """
-    everything = list(range(len(params)))
     if torch.compiler.is_compiling() or (hyper["momentum"] == 0 and not fused):
-        return everything
-    ps = [compute_view(p) for p in params]
-    gs = [compute_view(g) for g in grads]
-    bs = [real(b) for b in momentum_buffers]
-    fast = [k for k in everything if torch_fused.supported(params[k], ps[k], gs[k], bs[k])]
+        return list(range(len(params)))
     impl = fused_kernel.sgdp_ if fused else torch_fused.sgdp_
-    for same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).values():
-        chosen = [fast[i] for i in same_dtype]
-        impl(*([x[k] for k in chosen] for x in (params, ps, gs, bs)), workspace=workspace, **hyper)
-    for k in fast:
-        write_back_(params[k], ps[k])
-    return sorted(set(everything) - set(fast))
+    return torch_fused.kernel_step(
+        impl, params, grads, [momentum_buffers], workspace=workspace, **hyper
+    )
 
 
 def _single_tensor_sgdp(
