@@ -4,9 +4,13 @@
     python benchmarks/gpu_check.py --sets resnet50 --rounds 50 --device cuda:1
 
 Needs an NVIDIA GPU. Without CUDA the script says so and exits with status 0. It prints a
-report in four parts; the paths checked are each optimizer's default (on CUDA, the
-multi-tensor ``torch._foreach_*`` path) and its per-tensor path (``foreach=False``).
+report in six parts; the paths checked are each optimizer's default (on CUDA, the flat
+multi-tensor step of ``adampx._flat_step``) and its per-tensor path (``foreach=False``).
 ``fused=True`` is adampx's CPU kernel and is not used here.
+
+0. Parity on CUDA: the default path against the reference package ``adamp`` (float64, if
+   installed) and against the per-tensor path, channels_last against contiguous, and
+   float16 / bfloat16 params against float32 ones.
 
 1. Sync-free: after one warm-up step (which creates the state), further steps run under
    ``torch.cuda.set_sync_debug_mode("error")``, which turns every synchronizing CUDA call
@@ -26,11 +30,15 @@ multi-tensor ``torch._foreach_*`` path) and its per-tensor path (``foreach=False
    between two ``torch.cuda.synchronize()`` calls, so launch overhead and any host sync
    count. The table gives the median, the ratio to AdamW(fused=True) for the Adam family
    and to SGD(momentum=0.9, fused=True) for the SGD family, and the peak memory one step
-   allocates beyond what was allocated before it (``torch.cuda.max_memory_allocated``).
+   allocates beyond what was allocated before it (``torch.cuda.max_memory_allocated``), and
+   the scratch buffers an adampx optimizer keeps between steps ("kept MiB").
    Target: AdamP default <= 1.5x fused AdamW.
 4. Graph replay time, printed under each set's table: AdamP's default path captured in a
    CUDA graph against AdamW(fused=True, capturable=True) captured the same way (only if
    the capture check of AdamP default passed).
+5. With ``--compile SET``: ``torch.compile(opt.step)`` of AdamP (which compiles its eager
+   multi-tensor math) and of AdamW(foreach=True) on that shape set, first-call time and
+   step time against eager AdamW(fused=True).
 
 The exit status is 1 if a sync-free or capture check failed, else 0 (the timing target is
 reported, not enforced).
@@ -232,6 +240,108 @@ def median_ms(times: list[float]) -> float:
     return 1e3 * statistics.median(times)
 
 
+# ---------------------------------------------------------------------------- 0. parity
+
+
+def run_steps(
+    make: Factory, shapes: Shapes, grads: Sequence[Sequence[Tensor]], device: torch.device,
+    dtype: torch.dtype, channels_last: bool = False,
+) -> list[Tensor]:  # fmt: skip
+    """Params after stepping ``make``'s optimizer on ``grads`` (same start for every call)."""
+    params = [p.detach().to(dtype) for p in make_params(shapes, device, seed=0)]
+    if channels_last:
+        params = [p.to(memory_format=torch.channels_last) if p.dim() == 4 else p for p in params]
+    params = [torch.nn.Parameter(p) for p in params]
+    opt = make(params)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.to(dtype).contiguous(memory_format=_memory_format(p))
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def _memory_format(p: Tensor) -> torch.memory_format:
+    if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def worst_difference(actual: Sequence[Tensor], expected: Sequence[Tensor]) -> tuple[int, float]:
+    """(index, normwise relative difference) of the worst pair."""
+    diffs = [normwise_rel_diff(a, e) for a, e in zip(actual, expected, strict=True)]
+    worst = max(range(len(diffs)), key=diffs.__getitem__)
+    return worst, diffs[worst]
+
+
+F32, F64 = torch.float32, torch.float64
+
+
+def parity_optimizers() -> dict[str, tuple[Factory, Factory, Factory | None]]:
+    """name -> (default path, per-tensor path, reference package or None) for the parity."""
+    adam: dict[str, Any] = dict(lr=1e-2, weight_decay=1e-2)
+    sgd: dict[str, Any] = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    ref = reference
+    return {
+        "AdamP": (
+            lambda ps: adampx.AdamP(ps, **adam),
+            lambda ps: adampx.AdamP(ps, **adam, foreach=False),
+            None if ref is None else lambda ps: ref.AdamP(ps, **adam),
+        ),
+        "SGDP": (
+            lambda ps: adampx.SGDP(ps, **sgd),
+            lambda ps: adampx.SGDP(ps, **sgd, foreach=False),
+            None if ref is None else lambda ps: ref.SGDP(ps, **sgd),
+        ),
+    }
+
+
+def check_parity(device: torch.device, steps: int = 5) -> list[CheckResult]:
+    """adampx on CUDA against the reference package (float64), and across layouts and dtypes."""
+    print(
+        f"\n0. parity on CUDA ({steps} steps; the first tensor's gradients are orthogonal to "
+        "it, so its projection fires)"
+    )
+    results = []
+    grads = make_grads(make_params(CHECK_SHAPES, device, seed=0), steps, seed=1)
+    for name, (ours, per_tensor, ref) in parity_optimizers().items():
+        # label, (optimizer, dtype, channels_last) run and compared with the expected run
+        Run = tuple[Factory, torch.dtype, bool]
+        comparisons: list[tuple[str, Run, Run, float]] = []
+        if ref is not None:
+            comparisons.append(
+                (f"{name} float64 vs reference", (ours, F64, False), (ref, F64, False), 1e-10)
+            )
+        base32: Run = (ours, F32, False)
+        comparisons += [
+            (f"{name} default vs per-tensor, float64", (ours, F64, False), (per_tensor, F64, False),
+             1e-10),
+            (f"{name} channels_last vs contiguous, float32", (ours, F32, True), base32, 1e-5),
+            (f"{name} float16 vs float32", (ours, torch.float16, False), base32, 3e-2),
+            (f"{name} bfloat16 vs float32", (ours, torch.bfloat16, False), base32, 3e-2),
+        ]  # fmt: skip
+        for label, run, expected_run, tol in comparisons:
+            try:
+                actual = [
+                    p.to(F64) for p in run_steps(run[0], CHECK_SHAPES, grads, device, *run[1:])
+                ]
+                expected = run_steps(
+                    expected_run[0], CHECK_SHAPES, grads, device, *expected_run[1:]
+                )
+                finite = all(bool(torch.isfinite(a).all()) for a in actual)
+                index, diff = worst_difference(actual, expected)
+                ok = finite and diff <= tol
+                detail = f"max relative difference {diff:.2e} (param[{index}]), tolerance {tol:g}"
+                detail += "" if finite else ", NOT FINITE"
+                result = CheckResult("parity", label, ok, detail)
+            except Exception as exc:
+                result = CheckResult("parity", label, False, short(exc))
+            print(f"  {label:<44}{'PASS' if result.ok else 'FAIL'}  {result.detail}")
+            results.append(result)
+    if reference is None:
+        print("  (the comparisons with the reference package were skipped: adamp is not installed)")
+    return results
+
+
 # ---------------------------------------------------------------------------- 1. sync-free
 
 
@@ -370,6 +480,13 @@ def step_peak_mib(opt: Any, device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def workspace_mib(opt: Any) -> float:
+    """MiB of the scratch buffers an adampx optimizer keeps between steps (0 for others)."""
+    workspace = getattr(opt, "_workspace", None)
+    buffers = getattr(workspace, "_buffers", {})
+    return sum(b.numel() * b.element_size() for b in buffers.values()) / 2**20
+
+
 def time_set(name: str, rounds: int, device: torch.device) -> dict[str, float]:
     """Interleaved step times and peak memory of every candidate; returns median ms."""
     shapes = SHAPE_SETS[name]()
@@ -393,11 +510,15 @@ def time_set(name: str, rounds: int, device: torch.device) -> dict[str, float]:
             times[label].append(timed_step(opt, device))
     medians = {label: median_ms(ts) for label, ts in times.items()}
     mib = {label: step_peak_mib(opt, device) for label, (_, opt) in runs.items()}
+    kept = {label: workspace_mib(opt) for label, (_, opt) in runs.items()}
 
-    print(f"  {'candidate':<20}{'median ms':>10}{'× fused':>9}{'peak MiB':>10}")
+    print(f"  {'candidate':<20}{'median ms':>10}{'× fused':>9}{'peak MiB':>10}{'kept MiB':>10}")
     for label, (family, _) in runs.items():
         ratio = medians[label] / medians[FUSED[family]]
-        print(f"  {label:<20}{medians[label]:>10.3f}{ratio:>9.2f}{mib[label]:>10.1f}")
+        print(
+            f"  {label:<20}{medians[label]:>10.3f}{ratio:>9.2f}{mib[label]:>10.1f}"
+            f"{kept[label]:>10.1f}"
+        )
     if reference is None:
         print("  (reference AdamP / SGDP skipped: the package adamp is not installed)")
     ratio = medians["AdamP default"] / medians["AdamW fused"]
@@ -444,6 +565,62 @@ def time_graph_replay(name: str, rounds: int, device: torch.device, eager_ms: fl
     )
 
 
+# ---------------------------------------------------------------------------- 5. compiled
+
+
+def time_compiled(name: str, rounds: int, device: torch.device) -> None:
+    """``torch.compile(opt.step)`` of AdamP (default) and AdamW (foreach) vs eager fused AdamW.
+
+    Prints each compiled step's first-call time (the compilation) and median step time.
+    """
+    shapes = SHAPE_SETS[name]()
+    print(f"\n5. compiled steps, {name} ({len(shapes)} tensors), {rounds} rounds")
+    makers: dict[str, tuple[Factory, bool]] = {
+        "AdamP compiled": (lambda ps: adampx.AdamP(ps, weight_decay=1e-2), True),
+        "AdamW foreach compiled": (
+            lambda ps: torch.optim.AdamW(ps, weight_decay=1e-2, foreach=True),
+            True,
+        ),
+        "AdamW fused": (lambda ps: torch.optim.AdamW(ps, weight_decay=1e-2, fused=True), False),
+    }
+    torch.manual_seed(0)
+    grads = [1e-3 * torch.randn(s, device=device) for s in shapes]
+    steps: dict[str, Callable[[], Any]] = {}
+    for label, (make, compiled) in makers.items():
+        torch.manual_seed(1)
+        params = [torch.nn.Parameter(0.02 * torch.randn(s, device=device)) for s in shapes]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt = make(params)
+        step = torch.compile(opt.step) if compiled else opt.step
+        try:
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize(device)
+            first = time.perf_counter() - start
+            step()  # a second call: any recompilation for the state's steady form happens here
+        except Exception as exc:
+            print(f"  {label:<24}failed: {short(exc)}")
+            print("    " + str(exc)[-2000:].replace("\n", "\n    "))
+            continue
+        print(f"  {label:<24}first call (compile) {first:.1f} s")
+        steps[label] = step
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(rounds):
+        for label, step in steps.items():
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize(device)
+            times[label].append(time.perf_counter() - start)
+    if "AdamW fused" not in times:
+        return
+    base = median_ms(times["AdamW fused"])
+    for label, ts in times.items():
+        print(f"  {label:<24}{median_ms(ts):>10.3f} ms{median_ms(ts) / base:>8.2f}x AdamW fused")
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -452,7 +629,7 @@ def header(device: torch.device) -> None:
     try:
         ref = f"adamp {importlib.metadata.version('adamp')}"
     except importlib.metadata.PackageNotFoundError:
-        ref = "adamp not installed"
+        ref = "adamp not installed" if reference is None else "adamp (no package metadata)"
     print(
         f"{date.today()}, {torch.cuda.get_device_name(device)} "
         f"(compute capability {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB), "
@@ -468,6 +645,11 @@ def main() -> int:
     parser.add_argument("--sets", nargs="+", default=list(SHAPE_SETS), choices=list(SHAPE_SETS))
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--compile",
+        choices=list(SHAPE_SETS),
+        help="also time torch.compile(opt.step) on this shape set (compiles for a minute or more)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda":
@@ -485,7 +667,8 @@ def main() -> int:
     device = torch.device("cuda", torch.cuda.current_device())
 
     header(device)
-    results = check_sync_free(device)
+    results = check_parity(device)
+    results += check_sync_free(device)
     results += check_capture(device)
     capture_ok = any(r.ok and r.path == "AdamP default" for r in results if r.section == "capture")
 
@@ -501,6 +684,13 @@ def main() -> int:
             print(f"  {name}: failed: {short(exc)}")
             traceback.print_exc()
         torch.cuda.empty_cache()
+
+    if args.compile:
+        try:
+            time_compiled(args.compile, args.rounds, device)
+        except Exception as exc:
+            print(f"  compiled steps failed: {short(exc)}")
+            traceback.print_exc()
 
     failed = [r for r in results if not r.ok]
     print(f"\nsummary: {len(results) - len(failed)} of {len(results)} checks passed")

@@ -19,4 +19,19 @@ def force_eager_math(monkeypatch) -> None:
     math runs (as on accelerators, for tensor subclasses and for unusual layouts)."""
     import adampx._torch_fused
 
-    monkeypatch.setattr(adampx._torch_fused, "supported", lambda *args: False)
+    monkeypatch.setattr(adampx._torch_fused, "supported", lambda *args, **kwargs: False)
+
+
+def force_flat_step(monkeypatch, bucket_elements: int = 100) -> None:
+    """Make the CPU tensors that qualify take the flat multi-tensor step of
+    ``adampx._flat_step`` (what CUDA tensors take), in buckets of about ``bucket_elements``
+    elements so that a model spans several buckets, with the padded segment reductions that
+    CUDA tensors get."""
+    import adampx._flat_step
+    import adampx._segments
+    import adampx._torch_fused
+
+    monkeypatch.setattr(adampx._segments, "SEGMENT_REDUCE_DEVICES", ())
+    monkeypatch.setattr(adampx._torch_fused, "adamp_", adampx._flat_step.adamp_)
+    monkeypatch.setattr(adampx._torch_fused, "sgdp_", adampx._flat_step.sgdp_)
+    monkeypatch.setattr(adampx._flat_step, "BUCKET_ELEMENTS", bucket_elements)

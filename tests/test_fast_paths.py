@@ -57,7 +57,7 @@ sgdp_module = importlib.import_module("adampx.sgdp")
 @contextlib.contextmanager
 def forced_plain() -> Iterator[None]:
     """No tensor qualifies for the fast paths: every tensor takes the plain per-tensor code."""
-    with mock.patch.object(torch_fused, "supported", lambda *args: False):
+    with mock.patch.object(torch_fused, "supported", lambda *args, **kwargs: False):
         yield
 
 

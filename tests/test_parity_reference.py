@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from adampx import SGDP, AdamP
 from adampx.projection import decide, row_statistics
-from conftest import force_eager_math
+from conftest import force_eager_math, force_flat_step
 
 STEPS = 20
 RTOL, ATOL = 1e-10, 1e-12
@@ -224,12 +224,15 @@ def check_fired(opt_ref: Any, delta: float, model_cls: type) -> None:
 FOREACH = pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
 
 
-@pytest.fixture(autouse=True, params=["kernels", "eager"])
+@pytest.fixture(autouse=True, params=["kernels", "flat", "eager"])
 def cpu_kernels(request, monkeypatch) -> None:
-    """Every test twice: with the CPU fused kernels where tensors qualify (what a CPU user
-    gets), and with the eager math forced (what accelerators and other tensors get)."""
+    """Every test three times: with the CPU fused kernels where tensors qualify (what a CPU
+    user gets), with the flat multi-tensor step instead (what CUDA tensors get), and with the
+    eager math forced (what other devices, tensor subclasses and torch.compile get)."""
     if request.param == "eager":
         force_eager_math(monkeypatch)
+    elif request.param == "flat":
+        force_flat_step(monkeypatch)
 
 
 DELTA = pytest.mark.parametrize("delta", [0.1, 0.0, 10.0])

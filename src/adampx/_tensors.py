@@ -9,9 +9,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_DTYPES = (
@@ -70,6 +74,20 @@ def write_back_(param: Tensor, computed: Tensor) -> None:
         param.copy_(computed)
 
 
+def row_view(t: Tensor, n0: int) -> Tensor:
+    """``[n0, N/n0]`` view of a dense tensor whose dim 0 is outermost in memory.
+
+    Inside a row the elements are in memory order, the same for param, gradient and state
+    when they share their strides, which is all that row sums and elementwise updates need.
+    """
+    return t.as_strided((n0, t.numel() // n0), (t.numel() // n0, 1))
+
+
+def flat_view(t: Tensor) -> Tensor:
+    """A dense tensor whose dim 0 is outermost in memory, as a 1-d view in memory order."""
+    return t.as_strided((t.numel(),), (1,))
+
+
 def group_by_device_and_dtype(tensors: list[Tensor]) -> dict[tuple[str, torch.dtype], list[int]]:
     """Indices of ``tensors`` grouped by (device, dtype), in first-seen order."""
     groups: dict[tuple[str, torch.dtype], list[int]] = defaultdict(list)
@@ -123,10 +141,15 @@ class Workspace:
     to the system). A :class:`Workspace` keeps the largest buffer asked for under each
     name, so its memory is that of the largest tensor, per name, for the optimizer's life.
     The contents are scratch: every user writes before it reads.
+
+    It also keeps small constants that a step derives from the params' shapes (index and
+    threshold tensors on the device), so that they are copied to the device once, not at
+    every step: a copy from the host inside a captured CUDA graph would fail.
     """
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype, str], Tensor] = {}
+        self._constants: dict[Hashable, Any] = {}
 
     def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A flat buffer of ``numel`` elements (a view of the kept one)."""
@@ -136,6 +159,12 @@ class Workspace:
             buffer = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buffer
         return buffer[:numel]
+
+    def constant(self, key: Hashable, build: Callable[[], T]) -> T:
+        """``build()``, made once per ``key`` and kept."""
+        if key not in self._constants:
+            self._constants[key] = build()
+        return cast(T, self._constants[key])
 
 
 def scratch(

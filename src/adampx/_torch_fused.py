@@ -37,51 +37,50 @@ fused kernels have no fake implementation to trace.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from adampx._segments import Segments, Test, cached_segments
+from adampx._segments import test as segment_test
 from adampx._shared_step import Decisions
 from adampx._tensors import (
     Workspace,
     compute_view,
     group_by_device_and_dtype,
     real,
+    row_view,
     scratch,
     write_back_,
 )
-from adampx.projection import Decision, is_projectable
+from adampx.projection import is_projectable
 
 _DTYPES = (torch.float32, torch.float64)
 
 
-def _layout(t: Tensor) -> str | None:
-    if t.is_contiguous():
-        return "contiguous"
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    return None
+def supported(
+    param: Tensor, p: Tensor, g: Tensor, *states: Tensor, devices: tuple[str, ...] = ("cpu",)
+) -> bool:
+    """Whether ``param`` (compute views ``p``, ``g``, ``states``) can take a kernel step.
 
-
-def supported(param: Tensor, p: Tensor, g: Tensor, *states: Tensor) -> bool:
-    """Whether ``param`` (compute views ``p``, ``g``, ``states``) can take this step."""
+    Plain tensors on one of ``devices`` (device types), float32/float64 compute views, and
+    one dense layout (contiguous or channels_last): the same strides for all of them.
+    """
     if type(param) not in (Tensor, torch.nn.Parameter) or type(g) is not Tensor:
         return False
-    if p.device.type != "cpu" or p.dtype not in _DTYPES or p.numel() == 0:
+    dtype = p.dtype
+    if dtype not in _DTYPES or p.device.type not in devices or p.numel() == 0:
         return False
-    if any(t.dtype != p.dtype for t in (g, *states)):
+    if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
         return False
-    layout = _layout(p)
-    return layout is not None and all(
-        _layout(t) == layout and t.stride() == p.stride() for t in (g, *states)
-    )
+    stride = p.stride()
+    return all(t.dtype == dtype and t.stride() == stride for t in (g, *states))
 
 
 def kernel_step(
-    impl: Callable[..., None],
+    impls: dict[str, Callable[..., None]],
     params: list[Tensor],
     grads: list[Tensor],
     states: list[list[Tensor]],
@@ -90,38 +89,32 @@ def kernel_step(
     step_ok: Callable[[Tensor], bool] | None = None,
     **hyper: Any,
 ) -> list[int]:
-    """Step with ``impl`` the params that :func:`supported` admits; return the others' indices.
+    """Step the params that :func:`supported` admits; return the others' indices.
 
-    ``impl`` (AdamP's or SGDP's step here or in :mod:`adampx.fused`) gets, per dtype, the
-    params, their compute views, the gradients' and the state lists' (then ``steps``), and
-    ``hyper``. ``step_ok`` further restricts which step counters it can take. Half params
-    are written back from their float32 copies.
+    ``impls`` maps a device type to the step for it (AdamP's or SGDP's, here, in
+    :mod:`adampx.fused` or in :mod:`adampx._flat_step`); each gets, per device and dtype,
+    the params, their compute views, the gradients' and the state lists' (then ``steps``),
+    and ``hyper``. ``step_ok`` further restricts which step counters it can take. Half
+    params are written back from their float32 copies.
     """
     ps = [compute_view(p) for p in params]
     gs = [compute_view(g) for g in grads]
     ss = [[real(t) for t in state] for state in states]
+    devices = tuple(impls)
     fast = [
         k
         for k in range(len(params))
-        if supported(params[k], ps[k], gs[k], *(state[k] for state in ss))
+        if supported(params[k], ps[k], gs[k], *(state[k] for state in ss), devices=devices)
         and (step_ok is None or steps is None or step_ok(steps[k]))
     ]
     extra = [] if steps is None else [steps]
-    for same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).values():
+    for (device, _), same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).items():
         chosen = [fast[i] for i in same_dtype]
+        impl = impls[torch.device(device).type]
         impl(*([x[k] for k in chosen] for x in (params, ps, gs, *ss, *extra)), **hyper)
     for k in fast:
         write_back_(params[k], ps[k])
     return sorted(set(range(len(params))) - set(fast))
-
-
-def _rows(t: Tensor, n0: int) -> Tensor:
-    """``[n0, N/n0]`` view of a dense tensor whose dim 0 is outermost in memory.
-
-    Inside a row the elements are in memory order, the same for param, gradient and state
-    (they share their strides), which is all that row sums and elementwise updates need.
-    """
-    return t.as_strided((n0, t.numel() // n0), (t.numel() // n0, 1))
 
 
 def _buffers(
@@ -133,53 +126,23 @@ def _buffers(
     return [scratch(workspace, name, size, like.dtype, like.device) for name in names]
 
 
-class _Test(NamedTuple):
-    """The outcome of the test for the tensors of a :class:`_Rows`, per row or per tensor."""
-
-    channel: Tensor  # per row: its tensor passed in the channel view
-    layer: Tensor  # per tensor: passed in the layer view (and not the channel view)
-    row_scale: Tensor  # per row: (‖p_i‖ + eps)²
-    layer_scale: Tensor  # per tensor: (‖p‖ + eps)²
-    keep: Tensor  # per tensor: the weight-decay factor 1 − decay·r
-    lengths: Tensor  # rows per tensor
-
-    def coefficients(self, dots: Tensor, rows: slice | None = None, t: int | None = None) -> Tensor:
-        """``c_i`` with ``d_i − c_i p_i`` the projected row, from the row dots ``p_i·d_i``.
-
-        For all rows of all tensors, or (``rows``, ``t``) for the rows of tensor ``t``.
-        Chosen with ``where``, never by multiplying with zero: a NaN in one row of a tensor
-        that is not projected stays in that row.
-        """
-        zero = torch.zeros((), dtype=dots.dtype)
-        if t is None or rows is None:
-            whole = torch.segment_reduce(dots, "sum", lengths=self.lengths)
-            layer = (whole / self.layer_scale).repeat_interleave(self.lengths)
-            layer = torch.where(self.layer.repeat_interleave(self.lengths), layer, zero)
-            return torch.where(self.channel, dots / self.row_scale, layer)
-        layer = torch.where(self.layer[t], dots.sum() / self.layer_scale[t], zero)
-        return torch.where(self.channel[rows], dots / self.row_scale[rows], layer)
-
-
 class _Rows:
-    """The row sums of all tested tensors of one dtype, concatenated, and the test on them.
+    """The row sums of all tested tensors of one dtype, concatenated (``adampx._segments``).
 
     ``add`` fills tensor ``k``'s rows (``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i`` and optionally one
     more row dot) with ``out=`` writes into slices; :meth:`test` then runs the
-    scale-invariance test of every tensor at once with segment reductions, so the decision
-    costs a few dozen small operations per step instead of a few dozen per tensor.
+    scale-invariance test of every tensor at once.
     """
 
-    def __init__(self, ps: list[Tensor], tested: list[int], extra: bool) -> None:
-        self.lengths = [ps[k].shape[0] for k in tested]
-        self.row_lengths = [ps[k].numel() // ps[k].shape[0] for k in tested]
-        self.starts = [sum(self.lengths[:j]) for j in range(len(tested))]
-        rows = sum(self.lengths)
-        self.sums = torch.empty(4 if extra else 3, rows, dtype=ps[tested[0]].dtype)
+    def __init__(self, segs: Segments, dtype: torch.dtype, extra: bool) -> None:
+        self.segments = segs
+        self.starts = [sum(segs.lengths[:j]) for j in range(len(segs.lengths))]
+        self.sums = torch.empty(4 if extra else 3, segs.rows, dtype=dtype)
         self.p_norm, self.g_norm, self.gp = self.sums[0], self.sums[1], self.sums[2]
         self.extra = self.sums[3] if extra else None
 
     def slice(self, j: int) -> slice:
-        return slice(self.starts[j], self.starts[j] + self.lengths[j])
+        return slice(self.starts[j], self.starts[j] + self.segments.lengths[j])
 
     def add(self, j: int, p: Tensor, g: Tensor, x: Tensor, other: Tensor | None = None) -> None:
         """Row sums of the ``j``-th tested tensor (``[n0, N/n0]`` views; ``x`` a workspace)."""
@@ -190,57 +153,54 @@ class _Rows:
         if other is not None and self.extra is not None:
             torch.sum(torch.mul(p, other, out=x), 1, out=self.extra[rows])
 
-    def test(
-        self,
-        params: list[Tensor],
-        *,
-        delta: float,
-        eps: float,
-        wd_ratio: float,
-        decay: float | Tensor,
-        decisions: Decisions | None,
-    ) -> _Test:
-        """The test of ALGORITHM.md for every tensor (``params``: the tested ones, in order).
+    def test(self, params: list[Tensor], **options: Any) -> Test:
+        """:func:`adampx._segments.test` on these sums (``params``: the tested ones)."""
+        return segment_test(self.segments, self.p_norm, self.g_norm, self.gp, params, **options)
 
-        Returns a :class:`_Test`, whose :meth:`_Test.coefficients` gives the projection
-        coefficients of a direction from its row dots.
-        """
-        lengths = torch.tensor(self.lengths)
-        dtype = self.sums.dtype
-        cos = self.gp.abs() / (self.g_norm.clamp_min(eps) * self.p_norm.clamp_min(eps))
-        max_cos = torch.segment_reduce(cos, "max", lengths=lengths)
-        squares = torch.segment_reduce(self.sums[:2].T.square(), "sum", lengths=lengths)
-        p_whole, g_whole = squares.T.sqrt()
-        gp_whole = torch.segment_reduce(self.gp, "sum", lengths=lengths)
-        cos_layer = gp_whole.abs() / (g_whole.clamp_min(eps) * p_whole.clamp_min(eps))
-        # thresholds in Python floats, as the per-tensor test compares against them
-        thresholds = [
-            (delta / math.sqrt(k), delta / math.sqrt(k * n))
-            for k, n in zip(self.row_lengths, self.lengths, strict=True)
-        ]
-        channel_threshold, layer_threshold = torch.tensor(thresholds, dtype=dtype).T
-        channel = max_cos < channel_threshold
-        layer = (cos_layer < layer_threshold) & ~channel
-        zero = torch.zeros((), dtype=dtype)
-        ratio = torch.where(channel | layer, torch.full_like(zero, wd_ratio), zero + 1)
-        keep = 1 - decay * ratio
-        if decisions is not None:
-            for t, param in enumerate(params):
-                decisions[param] = Decision(
-                    channel[t],
-                    layer[t],
-                    max_cos[t],
-                    cos_layer[t],
-                    *thresholds[t],
-                )
-        return _Test(
-            channel=channel.repeat_interleave(lengths),
-            layer=layer,
-            row_scale=(self.p_norm + eps).square(),
-            layer_scale=(p_whole + eps).square(),
-            keep=keep,
-            lengths=lengths,
+
+def _rows_of(
+    ps: list[Tensor], tested: list[int], delta: float, workspace: Workspace | None, extra: bool
+) -> _Rows:
+    """Empty :class:`_Rows` for the tested tensors among ``ps``."""
+    like = ps[tested[0]]
+    shapes = [(ps[k].shape[0], ps[k].numel() // ps[k].shape[0]) for k in tested]
+    segs = cached_segments(workspace, shapes, delta, like.dtype, like.device)
+    return _Rows(segs, like.dtype, extra)
+
+
+def split_tested(params: list[Tensor], projection: bool) -> tuple[list[int], list[int]]:
+    """Indices of the params the scale-invariance test applies to, and of the others."""
+    tested = [k for k, p in enumerate(params) if projection and is_projectable(p)]
+    return tested, sorted(set(range(len(params))) - set(tested))
+
+
+def start_adamp_(
+    params: list[Tensor],
+    ps: list[Tensor],
+    gs: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    projection: bool,
+    **kernel: Any,
+) -> list[int]:
+    """What every fused AdamP step starts with: the step counters incremented, and AdamW in
+    one ``torch._fused_adamw_`` call (``kernel``: its options) for the untested tensors.
+    Returns the indices of the tested ones."""
+    torch._foreach_add_(state_steps, 1)
+    tested, untested = split_tested(params, projection)
+    if untested:
+        torch._fused_adamw_(
+            [ps[k] for k in untested],
+            [gs[k] for k in untested],
+            [exp_avgs[k] for k in untested],
+            [exp_avg_sqs[k] for k in untested],
+            [],
+            [state_steps[k] for k in untested],
+            **kernel,
         )
+    return tested
 
 
 def adamp_(
@@ -264,32 +224,21 @@ def adamp_(
     workspace: Workspace | None = None,
 ) -> None:
     """AdamP (not nesterov) for compute views that pass :func:`supported`, of one dtype."""
-    torch._foreach_add_(state_steps, 1)
-    tested = [k for k, p in enumerate(params) if projection and is_projectable(p)]
-    untested = sorted(set(range(len(params))) - set(tested))
     kernel: dict[str, Any] = dict(
         beta1=beta1, beta2=beta2, eps=eps, amsgrad=False, maximize=maximize
     )  # fmt: skip
-    if untested:
-        torch._fused_adamw_(
-            [ps[k] for k in untested],
-            [gs[k] for k in untested],
-            [exp_avgs[k] for k in untested],
-            [exp_avg_sqs[k] for k in untested],
-            [],
-            [state_steps[k] for k in untested],
-            lr=lr,
-            weight_decay=weight_decay,
-            **kernel,
-        )
+    tested = start_adamp_(
+        params, ps, gs, exp_avgs, exp_avg_sqs, state_steps,
+        projection=projection, lr=lr, weight_decay=weight_decay, **kernel,
+    )  # fmt: skip
     if not tested:
         return
     work, product = _buffers(ps, tested, ("work", "product"), workspace)
-    rows = _Rows(ps, tested, extra=False)
+    rows = _rows_of(ps, tested, delta, workspace, extra=False)
     views = []
     for j, k in enumerate(tested):
         n0 = params[k].shape[0]
-        p, g = _rows(ps[k], n0), _rows(gs[k], n0)
+        p, g = row_view(ps[k], n0), row_view(gs[k], n0)
         rows.add(j, p, g, product[: p.numel()].view(p.shape))
         views.append((p, g))
     test = rows.test(
@@ -308,8 +257,8 @@ def adamp_(
         torch._fused_adamw_(
             [w],
             [g],
-            [_rows(exp_avgs[k], n0)],
-            [_rows(exp_avg_sqs[k], n0)],
+            [row_view(exp_avgs[k], n0)],
+            [row_view(exp_avg_sqs[k], n0)],
             [],
             [state_steps[k]],
             lr=lr,
@@ -343,8 +292,7 @@ def sgdp_(
 ) -> None:
     """SGDP (momentum > 0) for compute views that pass :func:`supported`, of one dtype."""
     decay = lr * weight_decay / (1 - momentum) if weight_decay != 0 else 0.0
-    tested = [k for k, p in enumerate(params) if projection and is_projectable(p)]
-    untested = sorted(set(range(len(params))) - set(tested))
+    tested, untested = split_tested(params, projection)
     kernel: dict[str, Any] = dict(
         momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov, maximize=maximize
     )  # fmt: skip
@@ -352,12 +300,12 @@ def sgdp_(
         torch._foreach_mul_([ps[k] for k in untested], 1 - decay)
     if tested:
         (product,) = _buffers(ps, tested, ("product",), workspace)
-        rows = _Rows(ps, tested, extra=True)
+        rows = _rows_of(ps, tested, delta, workspace, extra=True)
         views = []
         for j, k in enumerate(tested):
             n0 = params[k].shape[0]
-            p, g = _rows(ps[k], n0), _rows(gs[k], n0)
-            b = _rows(momentum_buffers[k], n0)
+            p, g = row_view(ps[k], n0), row_view(gs[k], n0)
+            b = row_view(momentum_buffers[k], n0)
             rows.add(j, p, g, product[: p.numel()].view(p.shape), other=b)
             views.append(p)
         test = rows.test(
@@ -376,7 +324,7 @@ def sgdp_(
             direction = gp.add_(direction, alpha=momentum)
         # p ← p·(keep + lr·c) − lr·d, the last part in torch's fused SGD below
         coefficients = test.coefficients(direction)
-        scales = test.keep.repeat_interleave(test.lengths) + lr * coefficients
+        scales = test.per_row(test.keep) + lr * coefficients
         for j, p in enumerate(views):
             p.mul_(scales[rows.slice(j)].unsqueeze(1))
             k = tested[j]  # its SGD step right away, while the tensor is still in cache

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adampx import _flat_step as flat_step
 from adampx import _torch_fused as torch_fused
 from adampx import fused as fused_kernel
 from adampx._optimizer import ProjectedOptimizer, check_flag, check_range
@@ -216,7 +217,7 @@ def adamp(
         decisions=decisions,
     )  # fmt: skip
     tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    rest = _kernel_step(*tensors, fused=bool(fused), workspace=workspace, **hyper)
+    rest = _kernel_step(*tensors, fused=bool(fused), foreach=foreach, workspace=workspace, **hyper)
     if not rest:
         return
     if foreach is None:
@@ -233,25 +234,30 @@ def _kernel_step(
     state_steps: list[Tensor],
     *,
     fused: bool,
+    foreach: bool | None,
     workspace: Workspace | None,
     nesterov: bool,
     **hyper: Any,
 ) -> list[int]:
-    """Step the CPU params that a fused kernel can take; return the indices of the others.
+    """Step the params that a fused step can take; return the indices of the others.
 
-    ``fused=True``: the compiled kernel of :mod:`adampx.fused`; otherwise torch's own fused
-    kernels (:mod:`adampx._torch_fused`, not with nesterov). Under ``torch.compile`` neither
-    (torch's kernels have no fake implementation): the eager math is compiled instead.
+    ``fused=True``: the compiled CPU kernel of :mod:`adampx.fused`. Otherwise, not with
+    nesterov: torch's own fused kernels on the CPU (:mod:`adampx._torch_fused`), and on CUDA,
+    unless ``foreach=False`` or without a workspace, the flat multi-tensor step of
+    :mod:`adampx._flat_step`. Under ``torch.compile`` none of them (torch's kernels have no
+    fake implementation): the eager math is compiled instead.
     """
     if torch.compiler.is_compiling() or (nesterov and not fused):
         return list(range(len(params)))
-    impl: Callable[..., None] = torch_fused.adamp_
+    impls: dict[str, Callable[..., None]] = {"cpu": torch_fused.adamp_}
     step_ok: Callable[[Tensor], bool] | None = None
     if fused:  # the C kernel also takes nesterov, and increments float32 step counters itself
-        impl = partial(fused_kernel.adamp_, nesterov=nesterov)
+        impls = {"cpu": partial(fused_kernel.adamp_, nesterov=nesterov)}
         step_ok = fused_kernel.step_supported
+    elif foreach is not False and workspace is not None:
+        impls["cuda"] = flat_step.adamp_
     return torch_fused.kernel_step(
-        impl,
+        impls,
         params,
         grads,
         [exp_avgs, exp_avg_sqs],

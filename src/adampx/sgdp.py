@@ -19,13 +19,14 @@ rest through the per-tensor or multi-tensor implementation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
+from adampx import _flat_step as flat_step
 from adampx import _torch_fused as torch_fused
 from adampx import fused as fused_kernel
 from adampx._optimizer import ProjectedOptimizer, check_flag, check_range
@@ -193,7 +194,7 @@ def sgdp(
         projection=projection, decisions=decisions,
     )  # fmt: skip
     tensors = (params, grads, momentum_buffers)
-    rest = _kernel_step(*tensors, fused=bool(fused), workspace=workspace, **hyper)
+    rest = _kernel_step(*tensors, fused=bool(fused), foreach=foreach, workspace=workspace, **hyper)
     if not rest:
         return
     if foreach is None:
@@ -208,20 +209,27 @@ def _kernel_step(
     momentum_buffers: list[Tensor],
     *,
     fused: bool,
+    foreach: bool | None,
     workspace: Workspace | None,
     **hyper: Any,
 ) -> list[int]:
-    """Step the CPU params that a fused kernel can take; return the indices of the others.
+    """Step the params that a fused step can take; return the indices of the others.
 
-    ``fused=True``: the compiled kernel of :mod:`adampx.fused`; otherwise torch's own fused
-    kernels (:mod:`adampx._torch_fused`, only with momentum). Under ``torch.compile``
-    neither (torch's kernels have no fake implementation): the eager math is compiled.
+    ``fused=True``: the compiled CPU kernel of :mod:`adampx.fused`. Otherwise, only with
+    momentum: torch's own fused kernels on the CPU (:mod:`adampx._torch_fused`), and on CUDA,
+    unless ``foreach=False`` or without a workspace, the flat multi-tensor step of
+    :mod:`adampx._flat_step`. Under ``torch.compile`` none of them (torch's kernels have no
+    fake implementation): the eager math is compiled.
     """
     if torch.compiler.is_compiling() or (hyper["momentum"] == 0 and not fused):
         return list(range(len(params)))
-    impl = fused_kernel.sgdp_ if fused else torch_fused.sgdp_
+    impls: dict[str, Callable[..., None]] = {"cpu": torch_fused.sgdp_}
+    if fused:
+        impls = {"cpu": fused_kernel.sgdp_}
+    elif foreach is not False and workspace is not None:
+        impls["cuda"] = flat_step.sgdp_
     return torch_fused.kernel_step(
-        impl, params, grads, [momentum_buffers], workspace=workspace, **hyper
+        impls, params, grads, [momentum_buffers], workspace=workspace, **hyper
     )
 
 
