@@ -95,6 +95,8 @@ def test_flat_step_never_reads_a_value_on_the_host(name: str, monkeypatch) -> No
         opt.step()
     assert calls, "the flat step did not run"
     assert not HOST_READS & set(ops.names), ops.names
+    # nor a tensor built from host data (``torch.tensor``): a copy to the device per step
+    assert not {"lift_fresh", "lift_fresh_copy"} & set(ops.names), ops.names
     # positive control: the counter does see a host read
     with Ops() as control:
         params[0].sum().item()
@@ -130,7 +132,7 @@ def test_buckets_and_runs_cover_every_tested_tensor_once() -> None:
     limit = 200
     with pytest.MonkeyPatch.context() as m:
         m.setattr(flat_step, "BUCKET_ELEMENTS", limit)
-        order, segs, buckets = flat_step._plan(params, ps, tested, 0.1, None)
+        order, segs, buckets = flat_step._plan(params, ps, tested, None)
     assert sorted(order) == tested
     row_lengths = [ps[k].numel() // ps[k].shape[0] for k in order]
     assert row_lengths == sorted(row_lengths)
@@ -166,10 +168,10 @@ def test_padded_reductions_match_segment_reduce() -> None:
     shapes = [(3, 4), (1, 2), (5, 7), (2, 2)]
     x = torch.randn(11, 2, generator=gen, dtype=torch.float64)
     x[4, 1] = float("nan")  # a NaN stays in its tensor
-    cpu = segments.segments(shapes, 0.1, torch.float64, torch.device("cpu"))
+    cpu = segments.segments(shapes, torch.device("cpu"))
     with pytest.MonkeyPatch.context() as m:
         m.setattr(segments, "SEGMENT_REDUCE_DEVICES", ())
-        padded = segments.segments(shapes, 0.1, torch.float64, torch.device("cpu"))
+        padded = segments.segments(shapes, torch.device("cpu"))
     assert cpu.padded is None and padded.padded is not None
     for how in ("sum", "max"):
         expected = torch.segment_reduce(x, how, lengths=torch.tensor([3, 1, 5, 2]))
@@ -233,3 +235,63 @@ def test_cuda_tensors_take_the_flat_step_unless_told_otherwise(
     if flat:
         assert impls["cuda"] is expected
     assert impls["cpu"] is (torch_fused.adamp_ if module is adamp_module else torch_fused.sgdp_)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_changing_delta_rebuilds_nothing_and_changes_the_decision(name: str, monkeypatch) -> None:
+    """The thresholds follow ``delta`` on the device: a delta schedule copies nothing to the
+    device, and the decisions match a fresh optimizer's with that delta."""
+    force_flat_step(monkeypatch, bucket_elements=200)
+    built = []
+    real = segments.segments
+    monkeypatch.setattr(segments, "segments", lambda *a: built.append(1) or real(*a))
+    params = model_params(6)
+    opt = OPTIMIZERS[name](params, track_statistics=True)
+    opt.step()
+    first = len(built)
+    fired = []
+    for delta in (0.0, 10.0, 0.0):
+        opt.param_groups[0]["delta"] = delta
+        opt.step()
+        fired.append(sum(r.view in ("channel", "layer") for r in opt.statistics()))
+    assert len(built) == first
+    assert fired[0] == 0 and fired[1] > 0 and fired[2] == 0, fired
+
+
+def test_index_cache_is_bounded() -> None:
+    from adampx._tensors import Workspace
+
+    workspace = Workspace()
+    for n in range(3 * Workspace.CONSTANTS):
+        segments.cached_segments(workspace, [(n + 1, 2)], torch.device("cpu"))
+    assert len(workspace._constants) == Workspace.CONSTANTS
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("path", ["kernels", "flat"])
+def test_one_element_lr_tensor_of_any_shape(name: str, path: str, monkeypatch) -> None:
+    """``lr=torch.tensor([0.1])`` steps as ``lr=0.1`` (it used to raise in SGDP's decay)."""
+    if path == "flat":
+        force_flat_step(monkeypatch, bucket_elements=200)
+    lr = 1e-2 if name == "adamp" else 0.1
+    cls = AdamP if name == "adamp" else SGDP
+    extra: dict[str, Any] = {} if name == "adamp" else dict(momentum=0.9)
+    a, b = model_params(4), model_params(4)
+    opt_a = cls(a, lr=lr, weight_decay=1e-2, **extra)
+    opt_b = cls(b, lr=torch.tensor([lr], dtype=torch.float64), weight_decay=1e-2, **extra)
+    for _ in range(3):
+        opt_a.step()
+        opt_b.step()
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=0)
+
+
+def test_unit_dims_may_carry_either_stride() -> None:
+    """A 1x1 conv weight is contiguous and channels_last at once: its gradient in the other
+    stride form still takes the kernel step."""
+    p = torch.randn(8, 4, 1, 1, dtype=torch.float64)
+    g = torch.empty_strided((8, 4, 1, 1), (4, 1, 4, 4), dtype=torch.float64).normal_()
+    assert p.stride() != g.stride()
+    assert torch_fused.supported(p, p, g, torch.zeros_like(p))
+    # but not a transposed layout
+    assert not torch_fused.supported(p, p, torch.randn(4, 8, 1, 1).transpose(0, 1).double())

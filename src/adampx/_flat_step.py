@@ -27,10 +27,13 @@ Every operation stays on the device with sizes known on the host, so the step ne
 and can be captured in a CUDA graph; the index tensors that describe the rows are built at
 the first step and kept in the optimizer's workspace, which is why this path needs one.
 
-Memory: three flat buffers as long as the largest bucket (``P``; ``G`` then ``W``; the
-products), kept between steps. A bucket holds at most a quarter of the tested elements or
-4M elements, whichever is more, or one larger tensor: about 0.75x the model for models over
-16M parameters, where ``torch.optim.AdamW(foreach=True)`` allocates about 1x.
+Memory: flat buffers as long as the largest bucket, kept between steps: ``P`` (only for
+buckets of several tensors), ``G`` then ``W``, and the products. A bucket holds at most a
+quarter of the tested elements or 4M elements, whichever is more, or one larger tensor, so
+the buffers are about 0.75x the model for models over 16M parameters whose tensors are each
+under a quarter of it, and at least twice the largest tested tensor (GPT-2's embedding
+alone: about 0.87x the model); ``torch.optim.AdamW(foreach=True)`` allocates about 1x. Half
+params add their float32 copies (params and gradients) during the step, as on every path.
 """
 
 from __future__ import annotations
@@ -165,7 +168,6 @@ def _plan(
     params: list[Tensor],
     ps: list[Tensor],
     tested: list[int],
-    delta: float,
     workspace: Workspace | None,
 ) -> tuple[list[int], Segments, list[_Bucket]]:
     """The tested tensors sorted by row length, their :class:`Segments`, and their buckets.
@@ -194,12 +196,12 @@ def _plan(
         buckets.append(
             _Bucket(
                 ps, shapes[a:b], order[a:b], slice(row, row + rows), slice(a, b),
-                cached_segments(workspace, shapes[a:b], delta, like.dtype, like.device),
+                cached_segments(workspace, shapes[a:b], like.device),
                 workspace,
             )
         )  # fmt: skip
         row += rows
-    return order, cached_segments(workspace, shapes, delta, like.dtype, like.device), buckets
+    return order, cached_segments(workspace, shapes, like.device), buckets
 
 
 def adamp_(
@@ -232,7 +234,7 @@ def adamp_(
     )  # fmt: skip
     if not tested:
         return
-    order, segs, buckets = _plan(params, ps, tested, delta, workspace)
+    order, segs, buckets = _plan(params, ps, tested, workspace)
     # the row sums of every bucket, then the test of every tensor at once
     sums = ps[order[0]].new_empty(3, segs.rows)
     p_norm, g_norm, gp = sums[0], sums[1], sums[2]
@@ -293,7 +295,7 @@ def sgdp_(
     if untested and weight_decay != 0:
         torch._foreach_mul_([ps[k] for k in untested], 1 - decay)
     if tested:
-        order, segs, buckets = _plan(params, ps, tested, delta, workspace)
+        order, segs, buckets = _plan(params, ps, tested, workspace)
         # the row sums of every bucket (b: the momentum before the step), then the test
         sums = ps[order[0]].new_empty(4, segs.rows)
         p_norm, g_norm, gp, pb = sums[0], sums[1], sums[2], sums[3]

@@ -36,30 +36,41 @@ class Segments(NamedTuple):
     row_lengths: list[int]  # elements per row, per tensor
     rows: int  # rows in all
     lengths_t: Tensor  # ``lengths`` on the device (int64)
-    thresholds: Tensor  # [2, tensors]: channel and layer thresholds, in the sums' dtype
+    sizes_t: Tensor  # [2, tensors] on the device (float64): row length, tensor size
     padded: Tensor | None  # off the CPU: [tensors, most rows] row indices, ``rows`` as padding
 
+    def thresholds(self, delta: float, dtype: torch.dtype) -> Tensor:
+        """[2, tensors]: ``delta / sqrt(row length)`` and ``delta / sqrt(size)``.
 
-def segments(
-    shapes: Sequence[tuple[int, ...]], delta: float, dtype: torch.dtype, device: torch.device
-) -> Segments:
+        Computed on the device in float64 (correctly rounded square root and division, so
+        the same doubles as the per-tensor test's Python floats), then cast to ``dtype``;
+        ``delta`` may change between steps without a copy from the host.
+        """
+        return (delta / self.sizes_t.sqrt()).to(dtype)
+
+
+# a padded block at most this many times the rows (plus a constant), else segment_reduce
+PADDING_LIMIT = 8
+
+
+def segments(shapes: Sequence[tuple[int, ...]], device: torch.device) -> Segments:
     """The :class:`Segments` of tested tensors of these shapes (in order)."""
     lengths = [s[0] for s in shapes]
     row_lengths = [math.prod(s) // s[0] for s in shapes]
-    # thresholds in Python floats, as the per-tensor test computes them
-    thresholds = [
-        (delta / math.sqrt(k), delta / math.sqrt(k * n))
-        for k, n in zip(row_lengths, lengths, strict=True)
-    ]
+    sizes = [row_lengths, [k * n for k, n in zip(row_lengths, lengths, strict=True)]]
+    rows = sum(lengths)
+    # a padded block that would dwarf the rows (one tensor with far more rows than the
+    # others, e.g. a large embedding) is not built: segment_reduce is slow there, not large
+    padded = torch.device(device).type not in SEGMENT_REDUCE_DEVICES and (
+        len(lengths) * max(lengths) <= PADDING_LIMIT * rows + (1 << 16)
+    )
     return Segments(
         lengths=lengths,
         row_lengths=row_lengths,
-        rows=sum(lengths),
+        rows=rows,
         lengths_t=torch.tensor(lengths, device=device),
-        thresholds=torch.tensor(thresholds, dtype=dtype, device=device).T.contiguous(),
-        padded=None
-        if torch.device(device).type in SEGMENT_REDUCE_DEVICES
-        else _padded_index(lengths, device),
+        sizes_t=torch.tensor(sizes, dtype=torch.float64, device=device),
+        padded=_padded_index(lengths, device) if padded else None,
     )
 
 
@@ -75,17 +86,18 @@ def _padded_index(lengths: list[int], device: torch.device) -> Tensor:
 
 
 def cached_segments(
-    workspace: Workspace | None,
-    shapes: Sequence[tuple[int, ...]],
-    delta: float,
-    dtype: torch.dtype,
-    device: torch.device,
+    workspace: Workspace | None, shapes: Sequence[tuple[int, ...]], device: torch.device
 ) -> Segments:
-    """:func:`segments`, kept in ``workspace`` (if any) under the shapes, dtype and device."""
-    key = ("segments", tuple(shapes), delta, dtype, str(device))
+    """:func:`segments`, kept in ``workspace`` (if any) under the shapes and device.
+
+    A new set of shapes (a param that gets no gradient in some steps, say) builds and copies
+    its index tensors to the device once: on CUDA that first step of the new set waits for
+    the host copy. The workspace keeps the most recent few sets only.
+    """
     if workspace is None:
-        return segments(shapes, delta, dtype, device)
-    return workspace.constant(key, lambda: segments(shapes, delta, dtype, device))
+        return segments(shapes, device)
+    key = ("segments", tuple(shapes), str(device))
+    return workspace.constant(key, lambda: segments(shapes, device))
 
 
 def _reduce(x: Tensor, segs: Segments, how: str) -> Tensor:
@@ -183,7 +195,7 @@ def test(
     p_whole, g_whole = squares.T.sqrt()
     gp_whole = segment_sum(gp, segs)
     cos_layer = gp_whole.abs() / (g_whole.clamp_min(eps) * p_whole.clamp_min(eps))
-    channel_threshold, layer_threshold = segs.thresholds
+    channel_threshold, layer_threshold = segs.thresholds(delta, gp.dtype)
     channel = max_cos < channel_threshold
     layer = (cos_layer < layer_threshold) & ~channel
     zero = gp.new_zeros(())

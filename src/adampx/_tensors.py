@@ -139,7 +139,8 @@ class Workspace:
     touched page by page (measured: the AdamP step on ResNet-50 shapes ran 2.6x slower, with
     the page faults of a 9 MiB buffer, once the allocator had started to return such blocks
     to the system). A :class:`Workspace` keeps the largest buffer asked for under each
-    name, so its memory is that of the largest tensor, per name, for the optimizer's life.
+    name (its size depends on the step: the largest tensor or the largest bucket of tensors,
+    per name), for the optimizer's life.
     The contents are scratch: every user writes before it reads.
 
     It also keeps small constants that a step derives from the params' shapes (index and
@@ -147,23 +148,33 @@ class Workspace:
     every step: a copy from the host inside a captured CUDA graph would fail.
     """
 
+    CONSTANTS = 8  # the most recent constants kept
+
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype, str], Tensor] = {}
         self._constants: dict[Hashable, Any] = {}
+        # replaced device buffers stay alive: a CUDA graph captured earlier may still use them
+        self._retired: list[Tensor] = []
 
     def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A flat buffer of ``numel`` elements (a view of the kept one)."""
         key = (name, dtype, str(device))
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
+            if buffer is not None and buffer.device.type != "cpu":
+                self._retired.append(buffer)
             buffer = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buffer
         return buffer[:numel]
 
     def constant(self, key: Hashable, build: Callable[[], T]) -> T:
-        """``build()``, made once per ``key`` and kept."""
-        if key not in self._constants:
+        """``build()``, made once per ``key`` and kept (the most recent :data:`CONSTANTS`)."""
+        if key in self._constants:
+            self._constants[key] = self._constants.pop(key)  # now the most recent
+        else:
             self._constants[key] = build()
+            while len(self._constants) > self.CONSTANTS:
+                del self._constants[next(iter(self._constants))]
         return cast(T, self._constants[key])
 
 

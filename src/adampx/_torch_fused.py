@@ -66,7 +66,8 @@ def supported(
     """Whether ``param`` (compute views ``p``, ``g``, ``states``) can take a kernel step.
 
     Plain tensors on one of ``devices`` (device types), float32/float64 compute views, and
-    one dense layout (contiguous or channels_last): the same strides for all of them.
+    one dense layout (contiguous or channels_last): the same strides for all of them, but
+    on dims of size 1.
     """
     if type(param) not in (Tensor, torch.nn.Parameter) or type(g) is not Tensor:
         return False
@@ -75,8 +76,15 @@ def supported(
         return False
     if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
         return False
-    stride = p.stride()
-    return all(t.dtype == dtype and t.stride() == stride for t in (g, *states))
+    return all(t.dtype == dtype and _same_strides(t, p) for t in (g, *states))
+
+
+def _same_strides(t: Tensor, p: Tensor) -> bool:
+    """Same element order in memory: equal strides except on dims of size 1 (a 1x1 conv
+    weight is both contiguous and channels_last, and its gradient may carry either)."""
+    return t.stride() == p.stride() or all(
+        a == b or n == 1 for a, b, n in zip(t.stride(), p.stride(), p.shape, strict=True)
+    )
 
 
 def kernel_step(
@@ -108,6 +116,8 @@ def kernel_step(
         and (step_ok is None or steps is None or step_ok(steps[k]))
     ]
     extra = [] if steps is None else [steps]
+    if isinstance(hyper.get("lr"), Tensor):  # a one-element lr of any shape, as a 0-d tensor
+        hyper["lr"] = hyper["lr"].reshape(())
     for (device, _), same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).items():
         chosen = [fast[i] for i in same_dtype]
         impl = impls[torch.device(device).type]
@@ -159,12 +169,12 @@ class _Rows:
 
 
 def _rows_of(
-    ps: list[Tensor], tested: list[int], delta: float, workspace: Workspace | None, extra: bool
+    ps: list[Tensor], tested: list[int], workspace: Workspace | None, extra: bool
 ) -> _Rows:
     """Empty :class:`_Rows` for the tested tensors among ``ps``."""
     like = ps[tested[0]]
     shapes = [(ps[k].shape[0], ps[k].numel() // ps[k].shape[0]) for k in tested]
-    segs = cached_segments(workspace, shapes, delta, like.dtype, like.device)
+    segs = cached_segments(workspace, shapes, like.device)
     return _Rows(segs, like.dtype, extra)
 
 
@@ -234,7 +244,7 @@ def adamp_(
     if not tested:
         return
     work, product = _buffers(ps, tested, ("work", "product"), workspace)
-    rows = _rows_of(ps, tested, delta, workspace, extra=False)
+    rows = _rows_of(ps, tested, workspace, extra=False)
     views = []
     for j, k in enumerate(tested):
         n0 = params[k].shape[0]
@@ -300,7 +310,7 @@ def sgdp_(
         torch._foreach_mul_([ps[k] for k in untested], 1 - decay)
     if tested:
         (product,) = _buffers(ps, tested, ("product",), workspace)
-        rows = _rows_of(ps, tested, delta, workspace, extra=True)
+        rows = _rows_of(ps, tested, workspace, extra=True)
         views = []
         for j, k in enumerate(tested):
             n0 = params[k].shape[0]
