@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 from collections import Counter
 from typing import Any
 
@@ -295,3 +296,20 @@ def test_unit_dims_may_carry_either_stride() -> None:
     assert torch_fused.supported(p, p, g, torch.zeros_like(p))
     # but not a transposed layout
     assert not torch_fused.supported(p, p, torch.randn(4, 8, 1, 1).transpose(0, 1).double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_thresholds_are_the_per_tensor_tests_floats(dtype: torch.dtype) -> None:
+    """Computed on the device, the thresholds are the doubles ``delta / math.sqrt(k)`` that
+    the per-tensor test compares against, rounded once to the dtype."""
+    shapes = [(n, k) for n in (1, 3, 7, 64, 1000) for k in (1, 2, 3, 9, 576, 4608, 12345)]
+    segs = segments.segments(shapes, torch.device("cpu"))
+    for delta in (0.1, 0.3, 1.7, 1e-3):
+        expected = torch.tensor(
+            [
+                [delta / math.sqrt(k) for _, k in shapes],
+                [delta / math.sqrt(n * k) for n, k in shapes],
+            ],
+            dtype=dtype,
+        )
+        assert torch.equal(segs.thresholds(delta, dtype), expected)

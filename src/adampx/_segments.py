@@ -46,7 +46,8 @@ class Segments(NamedTuple):
         the same doubles as the per-tensor test's Python floats), then cast to ``dtype``;
         ``delta`` may change between steps without a copy from the host.
         """
-        return (delta / self.sizes_t.sqrt()).to(dtype)
+        # torch.div, not ``delta / t`` (a reciprocal and a product: two roundings)
+        return torch.div(self.sizes_t.new_full((), delta), self.sizes_t.sqrt()).to(dtype)
 
 
 # a padded block at most this many times the rows (plus a constant), else segment_reduce
