@@ -259,6 +259,24 @@ def test_changing_delta_rebuilds_nothing_and_changes_the_decision(name: str, mon
     assert fired[0] == 0 and fired[1] > 0 and fired[2] == 0, fired
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_index_tensors_are_built_once_with_many_buckets_and_groups(name: str, monkeypatch) -> None:
+    """Four param groups of many buckets each: every set of index tensors a step uses stays
+    cached (a cache that dropped them would copy to the device, a sync, at every step)."""
+    force_flat_step(monkeypatch, bucket_elements=100)
+    built = []
+    real = segments.segments
+    monkeypatch.setattr(segments, "segments", lambda *a: built.append(1) or real(*a))
+    groups = [{"params": model_params(12 + 5 * seed, seed=seed)} for seed in range(4)]
+    opt = OPTIMIZERS[name](groups)
+    opt.step()
+    first = len(built)
+    assert first > 8  # more sets than a small cache would keep
+    for _ in range(3):
+        opt.step()
+    assert len(built) == first
+
+
 def test_index_cache_is_bounded() -> None:
     from adampx._tensors import Workspace
 

@@ -148,7 +148,10 @@ class Workspace:
     every step: a copy from the host inside a captured CUDA graph would fail.
     """
 
-    CONSTANTS = 8  # the most recent constants kept
+    # The most recent constants kept. A step uses one set of index tensors per bucket and
+    # one for all buckets (up to about ten per dtype and param group), so this bound only
+    # drops sets that the recent steps no longer use (params that got no gradient, say).
+    CONSTANTS = 64
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype, str], Tensor] = {}
