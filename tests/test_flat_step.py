@@ -133,7 +133,7 @@ def test_buckets_and_runs_cover_every_tested_tensor_once() -> None:
     limit = 200
     with pytest.MonkeyPatch.context() as m:
         m.setattr(flat_step, "BUCKET_ELEMENTS", limit)
-        order, segs, buckets = flat_step._plan(params, ps, tested, None)
+        order, segs, buckets = flat_step._plan(ps, tested, None)
     assert sorted(order) == tested
     row_lengths = [ps[k].numel() // ps[k].shape[0] for k in order]
     assert row_lengths == sorted(row_lengths)

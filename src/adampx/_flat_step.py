@@ -47,7 +47,7 @@ from torch import Tensor
 from adampx._segments import Segments, cached_segments
 from adampx._segments import test as segment_test
 from adampx._shared_step import Decisions
-from adampx._tensors import Workspace, flat_view, row_view, scratch
+from adampx._tensors import Workspace, flat_view, row_shape, row_view, scratch
 from adampx._torch_fused import split_tested, start_adamp_
 
 BUCKETS = 4  # the tested tensors are cut into about this many buckets ...
@@ -165,10 +165,7 @@ class _Bucket:
 
 
 def _plan(
-    params: list[Tensor],
-    ps: list[Tensor],
-    tested: list[int],
-    workspace: Workspace | None,
+    ps: list[Tensor], tested: list[int], workspace: Workspace | None
 ) -> tuple[list[int], Segments, list[_Bucket]]:
     """The tested tensors sorted by row length, their :class:`Segments`, and their buckets.
 
@@ -177,8 +174,8 @@ def _plan(
     A bucket holds at most a :data:`BUCKETS`-th of all the elements, or
     :data:`BUCKET_ELEMENTS` if that is more; a larger tensor is a bucket alone.
     """
-    order = sorted(tested, key=lambda k: ps[k].numel() // params[k].shape[0])
-    shapes = [(params[k].shape[0], ps[k].numel() // params[k].shape[0]) for k in order]
+    order = sorted(tested, key=lambda k: row_shape(ps[k])[1])
+    shapes = [row_shape(ps[k]) for k in order]
     like = ps[order[0]]
     limit = max(BUCKET_ELEMENTS, -(-sum(ps[k].numel() for k in order) // BUCKETS))
     cuts = [0]
@@ -234,7 +231,7 @@ def adamp_(
     )  # fmt: skip
     if not tested:
         return
-    order, segs, buckets = _plan(params, ps, tested, workspace)
+    order, segs, buckets = _plan(ps, tested, workspace)
     # the row sums of every bucket, then the test of every tensor at once
     sums = ps[order[0]].new_empty(3, segs.rows)
     p_norm, g_norm, gp = sums[0], sums[1], sums[2]
@@ -295,7 +292,7 @@ def sgdp_(
     if untested and weight_decay != 0:
         torch._foreach_mul_([ps[k] for k in untested], 1 - decay)
     if tested:
-        order, segs, buckets = _plan(params, ps, tested, workspace)
+        order, segs, buckets = _plan(ps, tested, workspace)
         # the row sums of every bucket (b: the momentum before the step), then the test
         sums = ps[order[0]].new_empty(4, segs.rows)
         p_norm, g_norm, gp, pb = sums[0], sums[1], sums[2], sums[3]

@@ -83,6 +83,11 @@ def row_view(t: Tensor, n0: int) -> Tensor:
     return t.as_strided((n0, t.numel() // n0), (t.numel() // n0, 1))
 
 
+def row_shape(t: Tensor) -> tuple[int, int]:
+    """``(n0, N/n0)``: the rows of ``t`` (dim 0) and their length, as :func:`row_view` cuts."""
+    return t.shape[0], t.numel() // t.shape[0]
+
+
 def flat_view(t: Tensor) -> Tensor:
     """A dense tensor whose dim 0 is outermost in memory, as a 1-d view in memory order."""
     return t.as_strided((t.numel(),), (1,))

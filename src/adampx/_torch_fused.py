@@ -51,6 +51,7 @@ from adampx._tensors import (
     compute_view,
     group_by_device_and_dtype,
     real,
+    row_shape,
     row_view,
     scratch,
     write_back_,
@@ -173,7 +174,7 @@ def _rows_of(
 ) -> _Rows:
     """Empty :class:`_Rows` for the tested tensors among ``ps``."""
     like = ps[tested[0]]
-    shapes = [(ps[k].shape[0], ps[k].numel() // ps[k].shape[0]) for k in tested]
+    shapes = [row_shape(ps[k]) for k in tested]
     segs = cached_segments(workspace, shapes, like.device)
     return _Rows(segs, like.dtype, extra)
 
