@@ -86,6 +86,17 @@ SHAPE_SETS: dict[str, Callable[[], Shapes]] = {
     "llm": llm_shapes,
 }
 
+# Which weights of a set are scale invariant, as in the real network: ResNet-50's conv
+# weights, each followed by a BatchNorm. Their gradient is orthogonal to every output
+# channel's weights there, so AdamP and SGDP project them (channel-wise) at every step. The
+# transformers' linear weights are not scale invariant; with random gradients they are
+# rarely projected, as in real training.
+SCALE_INVARIANT: dict[str, Callable[[tuple[int, ...]], bool]] = {
+    "resnet50": lambda shape: len(shape) == 4,
+    "vit_b16": lambda shape: False,
+    "llm": lambda shape: False,
+}
+
 
 def candidates() -> dict[str, tuple[str, Callable[[list[torch.Tensor]], Any]]]:
     """name -> (family, constructor). Families: "adam", "sgd"."""
@@ -177,27 +188,47 @@ def peak_extra_mib(optimizer: Any) -> float:
     return (mode.peak + kept) / 2**20
 
 
+def tangent_grads_(params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None:
+    """Set each param's gradient to ``grads``' with its component along every output
+    channel's weights removed, as backpropagation through a normalization layer leaves it
+    (untimed: run before each step, since the step moves the weights)."""
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            rows, grad_rows = p.view(p.shape[0], -1), g.view(p.shape[0], -1)
+            along = (rows * grad_rows).sum(1, keepdim=True) / (rows * rows).sum(1, keepdim=True)
+            assert p.grad is not None
+            torch.sub(grad_rows, along * rows, out=p.grad.view(grad_rows.shape))
+
+
 def measure_set(name: str, rounds: int, seed: int = 0) -> list[dict[str, Any]]:
     """Interleaved step times and peak memory of every candidate on one shape set."""
     shapes = SHAPE_SETS[name]()
     gen = torch.Generator().manual_seed(seed)
     base = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
-    runs = {}
+    invariant = [SCALE_INVARIANT[name](s) for s in shapes]
+    runs, tangent = {}, {}
     for label, (family, make) in candidates().items():
         params = [torch.nn.Parameter(b.clone()) for b in base]
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g  # shared by all candidates (no step writes to it): saves memory
+        for p, g, inv in zip(params, grads, invariant, strict=True):
+            # shared by all candidates (no step writes to it) to save memory, except where
+            # it must stay orthogonal to this candidate's weights
+            p.grad = g.clone() if inv else g
+        tangent[label] = ([p for p, inv in zip(params, invariant, strict=True) if inv],
+                          [g for g, inv in zip(grads, invariant, strict=True) if inv])  # fmt: skip
+        tangent_grads_(*tangent[label])
         optimizer = make(params)
         optimizer.step()  # creates the state; not timed
         runs[label] = (family, optimizer)
     times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(rounds):
         for label, (_, optimizer) in runs.items():
+            tangent_grads_(*tangent[label])
             times[label].append(timed(optimizer.step))
     medians = {label: statistics.median(ts) for label, ts in times.items()}
     rows = []
     for label, (family, optimizer) in runs.items():
+        tangent_grads_(*tangent[label])
         rows.append(
             {
                 "set": name,
@@ -209,7 +240,8 @@ def measure_set(name: str, rounds: int, seed: int = 0) -> list[dict[str, Any]]:
             }
         )
     n_params = sum(torch.Size(s).numel() for s in shapes)
-    print(f"\n{name}: {n_params / 1e6:.1f}M parameters in {len(shapes)} tensors, {rounds} rounds")
+    print(f"\n{name}: {n_params / 1e6:.1f}M parameters in {len(shapes)} tensors, "
+          f"{sum(invariant)} scale invariant, {rounds} rounds")  # fmt: skip
     header = f"{'candidate':<22}{'median ms':>10}{'× fused':>9}{'ref ÷ this':>12}{'peak MiB':>10}"
     print("  " + header)
     for r in rows:

@@ -22,6 +22,14 @@ def force_eager_math(monkeypatch) -> None:
     monkeypatch.setattr(adampx._torch_fused, "supported", lambda *args, **kwargs: False)
 
 
+def force_small_blocks(monkeypatch, block_elements: int = 24) -> None:
+    """Make the CPU default path cut its tensors into row blocks of about
+    ``block_elements`` elements (one row where a row is longer), as it cuts large ones."""
+    import adampx._torch_fused
+
+    monkeypatch.setattr(adampx._torch_fused, "BLOCK_ELEMENTS", block_elements)
+
+
 def force_flat_step(monkeypatch, bucket_elements: int = 100) -> None:
     """Make the CPU tensors that qualify take the flat multi-tensor step of
     ``adampx._flat_step`` (what CUDA tensors take), in buckets of about ``bucket_elements``

@@ -38,6 +38,7 @@ import test_statistics as stats_model
 from adampx import SGDP, AdamP
 from adampx import _torch_fused as torch_fused
 from adampx import fused as fused_kernel
+from adampx.projection import decide, row_statistics
 from norm_mlp import make_model as make_norm_mlp
 from test_dtypes_shapes import leaf, make_grad
 from test_parity_reference import MODELS, check_fired, check_parity, spy
@@ -466,6 +467,57 @@ def test_large_tensors_on_two_threads(config: str, path_spy: PathSpy) -> None:
     path_spy.assert_only(all_params(opts["fused"]), "kernel")
     for path in ("default", "fused"):
         assert_same_state(opts["plain"], opts[path], **F64)
+
+
+def _outcome_grads(params: list[Tensor], k: int) -> list[Tensor]:
+    """Gradients that give the three outcomes of the test: orthogonal to every row of the
+    first param (channel view), to the second as a whole only (layer view), random for the
+    third (not projected)."""
+    grads = [make_grad(p, k, j, orthogonal=lambda step: False) for j, p in enumerate(params)]
+    rows, grad_rows = params[0].detach().flatten(1), grads[0].flatten(1)
+    along = (rows * grad_rows).sum(1, keepdim=True) / (rows * rows).sum(1, keepdim=True)
+    grads[0] = (grad_rows - along * rows).view_as(grads[0])
+    whole, grad = params[1].detach(), grads[1]
+    grads[1] = grad - (whole * grad).sum() / (whole * whole).sum() * whole
+    return grads
+
+
+@pytest.mark.parametrize("config", ["adamp", "sgdp-nesterov", "sgdp-damp-max"])
+def test_default_path_works_in_row_blocks(
+    config: str, monkeypatch: pytest.MonkeyPatch, path_spy: PathSpy
+) -> None:
+    """Tensors larger than a row block, one per outcome of the test, match the plain path;
+    the default path's scratch is one block, but for the tensor projected as a whole."""
+    monkeypatch.setattr(torch_fused, "BLOCK_ELEMENTS", 300)
+    shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3)]  # 1080, 1200 and 1008 elements
+    cls, hyper = CONFIGS[config]
+    opts = {
+        path: make_opt(cls, path, [leaf(_random(s, j)) for j, s in enumerate(shapes)], **hyper)
+        for path in ("plain", "default")
+    }
+    for k in range(4):
+        for opt in opts.values():
+            params = all_params(opt)
+            for p, g in zip(params, _outcome_grads(params, k), strict=True):
+                p.grad = g
+            outcomes = [decide(row_statistics(p.detach(), p.grad), 0.1, 1e-8) for p in params]
+            assert [(bool(d.channel), bool(d.layer)) for d in outcomes] == [
+                (True, False),
+                (False, True),
+                (False, False),
+            ]
+            opt.step()
+    path_spy.assert_only(all_params(opts["default"]), "torch_fused")
+    assert_same_state(opts["plain"], opts["default"], **F64)
+    buffers = opts["default"]._workspace._buffers
+    sizes = {name: b.numel() for (name, _, _), b in buffers.items()}
+    # the largest block: 300 // 45 = 6 rows of 45, 300 // 63 = 4 rows of 63
+    block = max(6 * 45, 300 // 60 * 60, 4 * 63)
+    assert all(n == block for name, n in sizes.items() if name != "whole"), sizes
+    if cls is AdamP:  # the step of the whole tensor, for its coefficient
+        assert sizes["whole"] == 1200
+    else:
+        assert "whole" not in sizes
 
 
 def test_workspace_contents_never_reach_the_result(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adampx import SGDP, AdamP
-from conftest import force_eager_math, force_flat_step
+from conftest import force_eager_math, force_flat_step, force_small_blocks
 
 STEPS = 20
 RTOL, ATOL = 1e-10, 1e-12
@@ -172,15 +172,18 @@ def check_parity(
 FOREACH = pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
 
 
-@pytest.fixture(autouse=True, params=["kernels", "flat", "eager"])
+@pytest.fixture(autouse=True, params=["kernels", "blocks", "flat", "eager"])
 def cpu_kernels(request, monkeypatch) -> None:
-    """Every test three times: with the CPU fused kernels where tensors qualify (what a CPU
-    user gets), with the flat multi-tensor step instead (what CUDA tensors get), and with the
+    """Every test four times: with the CPU fused kernels where tensors qualify (what a CPU
+    user gets), the same with the default path's row blocks made tiny (what large tensors
+    get), with the flat multi-tensor step instead (what CUDA tensors get), and with the
     eager math forced (what other devices, tensor subclasses and torch.compile get)."""
     if request.param == "eager":
         force_eager_math(monkeypatch)
     elif request.param == "flat":
         force_flat_step(monkeypatch)
+    elif request.param == "blocks":
+        force_small_blocks(monkeypatch)
 
 
 MAXIMIZE = pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])

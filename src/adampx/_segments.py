@@ -126,6 +126,7 @@ class Test(NamedTuple):
 
     segments: Segments
     channel: Tensor  # per row: its tensor passed in the channel view
+    tensor_channel: Tensor  # per tensor: passed in the channel view
     layer: Tensor  # per tensor: passed in the layer view (and not the channel view)
     row_scale: Tensor  # per row: (‖p_i‖ + eps)²
     layer_scale: Tensor  # per tensor: (‖p‖ + eps)²
@@ -140,6 +141,7 @@ class Test(NamedTuple):
         return Test(
             segments=segs,
             channel=self.channel[rows],
+            tensor_channel=self.tensor_channel[tensors],
             layer=self.layer[tensors],
             row_scale=self.row_scale[rows],
             layer_scale=self.layer_scale[tensors],
@@ -151,20 +153,17 @@ class Test(NamedTuple):
         s = self.segments
         return x.repeat_interleave(s.lengths_t, output_size=s.rows)
 
-    def coefficients(self, dots: Tensor, rows: slice | None = None, t: int | None = None) -> Tensor:
-        """``c_i`` with ``d_i − c_i p_i`` the projected row, from the row dots ``p_i·d_i``.
+    def coefficients(self, dots: Tensor) -> Tensor:
+        """``c_i`` with ``d_i − c_i p_i`` the projected row, from the row dots ``p_i·d_i`` of
+        all rows of all tensors.
 
-        For all rows of all tensors, or (``rows``, ``t``) for the rows of tensor ``t``.
         Chosen with ``where``, never by multiplying with zero: a NaN in one row of a tensor
         that is not projected stays in that row.
         """
         zero = dots.new_zeros(())
-        if t is None or rows is None:
-            whole = segment_sum(dots, self.segments)
-            layer = torch.where(self.layer, whole / self.layer_scale, zero)
-            return torch.where(self.channel, dots / self.row_scale, self.per_row(layer))
-        layer = torch.where(self.layer[t], dots.sum() / self.layer_scale[t], zero)
-        return torch.where(self.channel[rows], dots / self.row_scale[rows], layer)
+        whole = segment_sum(dots, self.segments)
+        layer = torch.where(self.layer, whole / self.layer_scale, zero)
+        return torch.where(self.channel, dots / self.row_scale, self.per_row(layer))
 
 
 def test(
@@ -216,6 +215,7 @@ def test(
     return Test(
         segments=segs,
         channel=channel.repeat_interleave(segs.lengths_t, output_size=segs.rows),
+        tensor_channel=channel,
         layer=layer,
         row_scale=(p_norm + eps).square(),
         layer_scale=(p_whole + eps).square(),
