@@ -520,6 +520,23 @@ def test_default_path_works_in_row_blocks(
         assert "whole" not in sizes
 
 
+def test_default_path_test_compares_in_the_tensor_dtype() -> None:
+    """A float32 cosine that equals the threshold rounded to float32 fails the test (``cos <
+    threshold`` is false in float32), in the default path's test as in ``decide``, though
+    the threshold in double is a little above it."""
+    p, g = _random((1, 50), 0, torch.float32), _random((1, 50), 1, torch.float32)
+    cos = decide(row_statistics(p, g), 1.0, 1e-8).max_cosine_channel
+    spacing = (torch.nextafter(cos, torch.tensor(math.inf)) - cos).item()
+    threshold = cos.item() + spacing / 4  # rounds to cos in float32
+    delta = threshold * math.sqrt(50)
+    assert cos.item() < delta / math.sqrt(50)
+    reference = decide(row_statistics(p, g), delta, 1e-8)
+    assert not bool(reference.channel) and not bool(reference.layer)
+    tester = torch_fused._Tester(delta=delta, eps=1e-8, wd_ratio=0.1, decay=0.0, decisions=None)
+    outcome = tester(p, p, g, torch.empty(50))
+    assert (outcome.channel, outcome.layer) == (False, False)
+
+
 def test_workspace_contents_never_reach_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """``torch.empty`` memory may hold anything: filled with NaN, every path stays exact."""
     real_empty, real_empty_like = torch.empty, torch.empty_like

@@ -1,11 +1,13 @@
 """The scale-invariance test of many tensors at once, on their concatenated row sums.
 
-The fast paths (``adampx._torch_fused`` on the CPU, ``adampx._flat_step`` on CUDA) gather
-the row sums ``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i`` of all tested tensors of one dtype into
-vectors that hold the rows of tensor 0, then those of tensor 1, and so on. The test of
+The flat multi-tensor step (``adampx._flat_step``, CUDA's default) gathers the row sums
+``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i`` of all tested tensors of one dtype into vectors that hold
+the rows of tensor 0, then those of tensor 1, and so on. The test of
 ``../shared/ALGORITHM.md`` then runs for every tensor at once with segment reductions: a few
 dozen small operations per step instead of a few dozen per tensor, which is what makes the
-step's cost independent of the number of tensors on a GPU.
+step's cost independent of the number of tensors on a GPU. (The CPU's default path,
+``adampx._torch_fused``, tests one tensor at a time instead, so that it can finish each
+tensor while it is in cache.)
 
 Nothing here reads a value back to the host: the decisions are boolean tensors, and the
 small index tensors that describe the segments (:class:`Segments`) are built once and kept
@@ -126,7 +128,6 @@ class Test(NamedTuple):
 
     segments: Segments
     channel: Tensor  # per row: its tensor passed in the channel view
-    tensor_channel: Tensor  # per tensor: passed in the channel view
     layer: Tensor  # per tensor: passed in the layer view (and not the channel view)
     row_scale: Tensor  # per row: (‖p_i‖ + eps)²
     layer_scale: Tensor  # per tensor: (‖p‖ + eps)²
@@ -141,7 +142,6 @@ class Test(NamedTuple):
         return Test(
             segments=segs,
             channel=self.channel[rows],
-            tensor_channel=self.tensor_channel[tensors],
             layer=self.layer[tensors],
             row_scale=self.row_scale[rows],
             layer_scale=self.layer_scale[tensors],
@@ -215,7 +215,6 @@ def test(
     return Test(
         segments=segs,
         channel=channel.repeat_interleave(segs.lengths_t, output_size=segs.rows),
-        tensor_channel=channel,
         layer=layer,
         row_scale=(p_norm + eps).square(),
         layer_scale=(p_whole + eps).square(),

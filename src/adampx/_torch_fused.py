@@ -5,32 +5,31 @@ No compile step: the moment updates run in ``torch._fused_adamw_`` / ``torch._fu
 projection are separate passes. The numbers are those of ``../shared/ALGORITHM.md``; only
 the order of floating-point operations differs from the plain per-tensor code.
 
-Every tested tensor (rows = the channel view ``[n0, N/n0]``) is worked on in blocks of
-whole rows of about :data:`BLOCK_ELEMENTS` elements, so that a block's scratch (and what
-the next pass reads again) stays in cache, and the scratch is one block, not one tensor.
+Each tested tensor (rows = the channel view ``[n0, N/n0]``) is finished before the next one
+starts, so that what its second pass reads again is still in cache (the test needs all rows
+of a tensor, so a tensor cannot be finished in one pass); and inside a tensor the work runs
+in blocks of whole rows of about :data:`BLOCK_ELEMENTS` elements, so that a block's scratch
+stays in cache between its passes and the scratch is one block, not one tensor.
 
-1. Row sums ``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i`` of every tested tensor, with ``out=`` writes
-   into one vector per sum for all tensors (:class:`_Rows`); the test of every tested
-   tensor at once on them (``adampx._segments``); its outcome read back as Python values
-   (:class:`_Outcome`: these are CPU tensors, there is no device to wait for).
-2. AdamP, tensors that are not projected: ``keep = 1 − lr·λ`` makes their step AdamW's, one
-   ``torch._fused_adamw_`` call for all of them. Projected per row, block by block:
-   ``torch._fused_adamw_`` without weight decay on a zeroed scratch ``w`` as its "param"
-   updates ``m`` and ``v`` and leaves the step ``w = −(lr/bc1)·u`` there; then
-   ``pw_i = p_i·w_i``, ``c_i = pw_i / (‖p_i‖ + eps)²`` and ``p ← p·(keep − c) + w`` in one
-   ``addcmul``, which is ALGORITHM.md's ``p·(1 − lr·λ·r) − (lr/bc1)·(u − c'p)`` rearranged.
-   Projected as a whole (rare): the same with ``w`` as large as the tensor, since ``c``
-   needs all its rows.
-3. SGDP, projected tensors: ``p·b`` (``b`` the momentum before the step), then the
-   direction's row dots by linearity, without touching it: ``p·b_new = μ·(p·b) +
-   (1−τ)·(p·g)`` and, with nesterov, ``p·d = p·g + μ·(p·b_new)``; each row rescaled by
-   ``keep + lr·c`` and at once ``torch._fused_sgd_`` (``b ← μ·b + (1−τ)·g; p ← p − lr·d``),
-   block by block (per row) or tensor by tensor (as a whole). The others are rescaled by
-   their ``keep`` and take one ``torch._fused_sgd_`` call together.
+1. Row sums ``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i``, and the scale-invariance test on them with the
+   arithmetic of :func:`adampx.projection.decide` (:class:`_Tester`); its outcome is read as
+   Python values (these are CPU tensors, there is no device to wait for), so that the
+   tensor takes only the work its outcome needs.
+2. AdamP, not projected: ``keep = 1 − lr·λ`` makes the step AdamW's, ``torch._fused_adamw_``.
+   Projected per row, block by block: ``torch._fused_adamw_`` without weight decay on a
+   zeroed scratch ``w`` as its "param" updates ``m`` and ``v`` and leaves the step
+   ``w = −(lr/bc1)·u`` there; then ``pw_i = p_i·w_i``, ``c_i = pw_i / (‖p_i‖ + eps)²`` and
+   ``p ← p·(keep − c) + w`` in one ``addcmul``, which is ALGORITHM.md's
+   ``p·(1 − lr·λ·r) − (lr/bc1)·(u − c'p)`` rearranged. Projected as a whole (rare): the
+   same with ``w`` as large as the tensor, since ``c`` needs all its rows.
+3. SGDP, projected: ``p·b`` (``b`` the momentum before the step), then the direction's row
+   dots by linearity, without touching it: ``p·b_new = μ·(p·b) + (1−τ)·(p·g)`` and, with
+   nesterov, ``p·d = p·g + μ·(p·b_new)``; the rows rescaled by ``keep + lr·c`` and then
+   ``torch._fused_sgd_`` (``b ← μ·b + (1−τ)·g; p ← p − lr·d``), block by block (per row)
+   or for the whole tensor. Not projected: the rescale by ``keep`` and the same SGD step.
 
 Untested tensors (biases, norm gains) take one ``torch._fused_adamw_`` (AdamW) or
-``torch._fused_sgd_`` call. The second passes run over the tensors in reverse order: the
-last ones read by the row sums are still in cache.
+``torch._fused_sgd_`` call together.
 
 The functions take the compute views of ``adampx._tensors`` (float32 copies of half params,
 real views of complex ones) beside the params as the user holds them, which decide whether a
@@ -43,14 +42,14 @@ fused kernels have no fake implementation to trace.
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from adampx._segments import Segments, Test, cached_segments
-from adampx._segments import test as segment_test
 from adampx._shared_step import Decisions
 from adampx._tensors import (
     Workspace,
@@ -62,7 +61,13 @@ from adampx._tensors import (
     scratch,
     write_back_,
 )
-from adampx.projection import is_projectable
+from adampx.projection import (
+    RowStatistics,
+    _abs_cosine,
+    _whole_norm,
+    decide,
+    is_projectable,
+)
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -156,16 +161,13 @@ def _in_blocks(*tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
         yield tuple(t[start : start + per] for t in tensors)
 
 
-def _block_scratch(
-    ps: list[Tensor], tested: list[int], name: str, workspace: Workspace | None
-) -> Tensor:
-    """A flat buffer as large as the largest block of a tested tensor."""
+def _block_size(ps: list[Tensor], tested: list[int]) -> int:
+    """Elements of the largest block of a tested tensor: the size of a block's scratch."""
     size = 0
     for k in tested:
         rows, length = row_shape(ps[k])
         size = max(size, min(rows, max(1, BLOCK_ELEMENTS // length)) * length)
-    like = ps[tested[0]]
-    return scratch(workspace, name, size, like.dtype, like.device)
+    return size
 
 
 def _matrix(buffer: Tensor, shape: torch.Size) -> Tensor:
@@ -173,76 +175,78 @@ def _matrix(buffer: Tensor, shape: torch.Size) -> Tensor:
     return buffer.as_strided(shape, (shape[1], 1))
 
 
-class _Rows:
-    """The row sums of all tested tensors of one dtype, concatenated (``adampx._segments``).
+class _Outcome(NamedTuple):
+    """One tensor's outcome of the test, as Python values where the work depends on them."""
 
-    :meth:`add` fills tensor ``j``'s rows (``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i``) with ``out=``
-    writes into its parts; :meth:`test` then runs the scale-invariance test of every tensor
-    at once.
+    channel: bool
+    layer: bool
+    keep: float  # the decay factor 1 − a·r
+    gp: Tensor  # [rows]: p_i·g_i
+    row_scale: Tensor | None  # channel view: [rows, 1] (‖p_i‖ + eps)²
+    layer_scale: Tensor | None  # layer view: 0-d (‖p‖ + eps)²
+
+    @property
+    def projected(self) -> bool:
+        return self.channel or self.layer
+
+
+def _rounded(x: float, dtype: torch.dtype) -> float:
+    """``x`` rounded to ``dtype`` (float32 or float64), as a tensor comparison rounds it."""
+    return struct.unpack("f", struct.pack("f", x))[0] if dtype == torch.float32 else x
+
+
+class _Tester:
+    """The scale-invariance test of one tensor at a time, from its row sums.
+
+    The arithmetic of :func:`adampx.projection.decide` (which runs as is where
+    ``decisions`` are kept); its outcome is read as Python values (these are CPU tensors:
+    there is no device to wait for), and the layer view is tested only where the channel
+    view fails.
     """
 
-    def __init__(self, segs: Segments, dtype: torch.dtype) -> None:
-        self.segments = segs
-        self.sums = torch.empty(3, segs.rows, dtype=dtype)
-        self.p_norm, self.g_norm, self.gp = self.sums.unbind()
-        # per tensor, its rows of the three sums (three splits per step, not per tensor)
-        self.parts = list(
-            zip(*(x.split(segs.lengths) for x in (self.p_norm, self.g_norm, self.gp)), strict=True)
+    def __init__(
+        self,
+        *,
+        delta: float,
+        eps: float,
+        wd_ratio: float,
+        decay: float | Tensor,
+        decisions: Decisions | None,
+    ) -> None:
+        self.delta, self.eps, self.decisions = delta, eps, decisions
+        decay = decay.item() if isinstance(decay, Tensor) else decay  # a CPU tensor
+        self.keep = (1 - decay * wd_ratio, 1 - decay)  # projected, not projected
+
+    def __call__(self, param: Tensor, p: Tensor, g: Tensor, x: Tensor) -> _Outcome:
+        """The row sums of ``p`` and ``g`` (``[n0, N/n0]`` views; ``x`` a flat scratch),
+        block by block, and the test on them."""
+        rows, length = p.shape
+        sums = torch.empty(3, rows, dtype=p.dtype)
+        p_norm, g_norm, gp = sums.unbind()
+        for p_b, g_b, p_norm_b, g_norm_b, gp_b in _in_blocks(p, g, p_norm, g_norm, gp):
+            torch.linalg.vector_norm(p_b, dim=1, out=p_norm_b)
+            torch.linalg.vector_norm(g_b, dim=1, out=g_norm_b)
+            torch.sum(torch.mul(p_b, g_b, out=_matrix(x, p_b.shape)), 1, out=gp_b)
+        delta, eps = self.delta, self.eps
+        if self.decisions is not None:
+            decision = decide(RowStatistics(gp, g_norm, p_norm, length), delta, eps)
+            self.decisions[param] = decision
+            channel, layer = bool(decision.channel), bool(decision.layer)
+        else:
+            threshold = _rounded(delta / math.sqrt(length), p.dtype)
+            channel = _abs_cosine(gp, g_norm, p_norm, eps).amax().item() < threshold
+            layer = not channel and (
+                _abs_cosine(gp.sum(), _whole_norm(g_norm), _whole_norm(p_norm), eps).item()
+                < _rounded(delta / math.sqrt(length * rows), p.dtype)
+            )
+        return _Outcome(
+            channel=channel,
+            layer=layer,
+            keep=self.keep[0] if channel or layer else self.keep[1],
+            gp=gp,
+            row_scale=(p_norm + eps).square_().unsqueeze(1) if channel else None,
+            layer_scale=(_whole_norm(p_norm) + eps).square() if layer else None,
         )
-
-    def add(self, j: int, p: Tensor, g: Tensor, x: Tensor) -> None:
-        """Row sums of the ``j``-th tested tensor (``[n0, N/n0]`` views; ``x`` a flat
-        workspace), block by block: each block is read from memory once."""
-        for p_b, g_b, p_norm, g_norm, gp in _in_blocks(p, g, *self.parts[j]):
-            torch.linalg.vector_norm(p_b, dim=1, out=p_norm)
-            torch.linalg.vector_norm(g_b, dim=1, out=g_norm)
-            torch.sum(torch.mul(p_b, g_b, out=_matrix(x, p_b.shape)), 1, out=gp)
-
-    def test(self, params: list[Tensor], **options: Any) -> Test:
-        """:func:`adampx._segments.test` on these sums (``params``: the tested ones)."""
-        return segment_test(self.segments, self.p_norm, self.g_norm, self.gp, params, **options)
-
-
-class _Outcome:
-    """A :class:`Test`'s per-tensor outcome as Python values, read once per step (these
-    are CPU tensors: no device to wait for), so that each tensor takes only the work its
-    outcome needs; and, for the channel-wise projection, per tensor its rows' keep factor
-    and ``(‖p_i‖ + eps)²`` as ``[rows, 1]`` columns."""
-
-    def __init__(self, test: Test) -> None:
-        self.channel: list[bool] = test.tensor_channel.tolist()
-        self.layer: list[bool] = test.layer.tolist()
-        self.keep: list[float] = test.keep.tolist()
-        self.keep_rows: tuple[Tensor, ...] = ()
-        self.row_scale: tuple[Tensor, ...] = ()
-        if any(self.channel):
-            lengths = test.segments.lengths
-            self.keep_rows = test.per_row(test.keep).unsqueeze(1).split(lengths)
-            self.row_scale = test.row_scale.unsqueeze(1).split(lengths)
-
-    def projected(self, j: int) -> bool:
-        return self.channel[j] or self.layer[j]
-
-
-def _test_rows(
-    params: list[Tensor],
-    ps: list[Tensor],
-    gs: list[Tensor],
-    tested: list[int],
-    product: Tensor,
-    workspace: Workspace | None,
-    **options: Any,
-) -> tuple[_Rows, Test, _Outcome]:
-    """The row sums of the tested tensors, and the test of all of them (``options``: those
-    of :func:`adampx._segments.test`)."""
-    like = ps[tested[0]]
-    segs = cached_segments(workspace, [row_shape(ps[k]) for k in tested], like.device)
-    rows = _Rows(segs, like.dtype)
-    for j, k in enumerate(tested):
-        n0 = params[k].shape[0]
-        rows.add(j, row_view(ps[k], n0), row_view(gs[k], n0), product)
-    test = rows.test([params[k] for k in tested], **options)
-    return rows, test, _Outcome(test)
 
 
 def split_tested(params: list[Tensor], projection: bool) -> tuple[list[int], list[int]]:
@@ -310,51 +314,39 @@ def adamp_(
     )  # fmt: skip
     if not tested:
         return
-    product = _block_scratch(ps, tested, "product", workspace)
-    _, test, outcome = _test_rows(
-        params, ps, gs, tested, product, workspace,
-        delta=delta, eps=eps, wd_ratio=wd_ratio, decay=lr * weight_decay, decisions=decisions,
+    like, size = ps[tested[0]], _block_size(ps, tested)
+    product = scratch(workspace, "product", size, like.dtype, like.device)
+    tester = _Tester(
+        delta=delta, eps=eps, wd_ratio=wd_ratio, decay=lr * weight_decay, decisions=decisions
     )  # fmt: skip
-    # not projected: keep = 1 − lr·λ, which is AdamW
-    plain = [k for j, k in enumerate(tested) if not outcome.projected(j)]
-    if plain:
-        torch._fused_adamw_(
-            [ps[k] for k in plain],
-            [gs[k] for k in plain],
-            [exp_avgs[k] for k in plain],
-            [exp_avg_sqs[k] for k in plain],
-            [],
-            [state_steps[k] for k in plain],
-            lr=lr,
-            weight_decay=weight_decay,
-            **kernel,
-        )
-    if len(plain) == len(tested):
-        return
-    work = _block_scratch(ps, tested, "work", workspace)
-    for j, k in reversed(list(enumerate(tested))):  # the last ones read are in cache
-        if not outcome.projected(j):
-            continue
+    for k in tested:  # each tensor finished while it is in cache
         n0 = params[k].shape[0]
         p, g = row_view(ps[k], n0), row_view(gs[k], n0)
-        m, v = row_view(exp_avgs[k], n0), row_view(exp_avg_sqs[k], n0)
-        step = state_steps[k]
-        if outcome.layer[j]:  # c for the whole tensor: the step of all its rows first
+        m, v, step = row_view(exp_avgs[k], n0), row_view(exp_avg_sqs[k], n0), state_steps[k]
+        outcome = tester(params[k], p, g, product)
+        if not outcome.projected:  # keep = 1 − lr·λ: AdamW
+            torch._fused_adamw_(
+                [p], [g], [m], [v], [], [step], lr=lr, weight_decay=weight_decay, **kernel
+            )  # fmt: skip
+        elif outcome.layer:  # c for the whole tensor: the step of all its rows first
+            assert outcome.layer_scale is not None
             w = scratch(workspace, "whole", p.numel(), p.dtype, p.device).view(p.shape)
             _adam_direction(w.zero_(), g, m, v, step, lr, kernel)
             dots = p.new_empty(n0, 1)
             for p_b, w_b, dots_b in _in_blocks(p, w, dots):
                 x = _matrix(product, p_b.shape)
                 torch.sum(torch.mul(p_b, w_b, out=x), 1, keepdim=True, out=dots_b)
-            torch.addcmul(w, p, outcome.keep[j] - dots.sum() / test.layer_scale[j], out=p)
-            continue
-        blocks = _in_blocks(p, g, m, v, outcome.keep_rows[j], outcome.row_scale[j])
-        for p_b, g_b, m_b, v_b, keep, row_scale in blocks:  # c per row: block by block
-            w = _matrix(work, p_b.shape).zero_()
-            _adam_direction(w, g_b, m_b, v_b, step, lr, kernel)
-            pw = torch.sum(torch.mul(p_b, w, out=_matrix(product, p_b.shape)), 1, keepdim=True)
-            # w − c·p is the projected step: p ← p·(keep − c) + w, c = p·w / (‖p‖ + eps)²
-            torch.addcmul(w, p_b, torch.addcdiv(keep, pw, row_scale, value=-1), out=p_b)
+            torch.addcmul(w, p, outcome.keep - dots.sum() / outcome.layer_scale, out=p)
+        else:  # c per row: block by block
+            assert outcome.row_scale is not None
+            work = scratch(workspace, "work", size, like.dtype, like.device)
+            for p_b, g_b, m_b, v_b, row_scale in _in_blocks(p, g, m, v, outcome.row_scale):
+                w = _matrix(work, p_b.shape).zero_()
+                _adam_direction(w, g_b, m_b, v_b, step, lr, kernel)
+                x = _matrix(product, p_b.shape)
+                pw = torch.sum(torch.mul(p_b, w, out=x), 1, keepdim=True)
+                # w − c·p is the projected step: p ← p·(keep − c) + w, c = p·w/(‖p‖ + eps)²
+                torch.addcmul(w, p_b, outcome.keep - pw.div_(row_scale), out=p_b)
 
 
 def _adam_direction(
@@ -393,85 +385,79 @@ def sgdp_(
     )  # fmt: skip
     if untested and weight_decay != 0:
         torch._foreach_mul_([ps[k] for k in untested], 1 - decay)
-    plain = untested
     if tested:
-        plain = plain + _sgdp_tested(
-            params, ps, gs, momentum_buffers, tested, lr=lr, decay=decay, eps=eps,
-            delta=delta, wd_ratio=wd_ratio, decisions=decisions, workspace=workspace,
-            kernel=kernel,
+        like = ps[tested[0]]
+        product = scratch(workspace, "product", _block_size(ps, tested), like.dtype, like.device)
+        tester = _Tester(
+            delta=delta, eps=eps, wd_ratio=wd_ratio, decay=decay, decisions=decisions
         )  # fmt: skip
-    if plain:
+        lr_value = lr.item() if isinstance(lr, Tensor) else lr  # a CPU tensor: no device sync
+        for k in tested:  # each tensor finished while it is in cache
+            n0 = params[k].shape[0]
+            p, g = row_view(ps[k], n0), row_view(gs[k], n0)
+            b = row_view(momentum_buffers[k], n0)
+            outcome = tester(params[k], p, g, product)
+            if outcome.channel:  # per row, block by block, each block stepped at once
+                _sgdp_channel_(p, g, b, outcome, product, lr_value, kernel)
+                continue
+            if outcome.layer:
+                p.mul_(_sgdp_layer_scale(p, b, outcome, product, lr_value, kernel))
+            elif outcome.keep != 1.0:
+                p.mul_(outcome.keep)
+            _sgd_step([p], [g], [b], **kernel)
+    if untested:
         _sgd_step(
-            [ps[k] for k in plain],
-            [gs[k] for k in plain],
-            [momentum_buffers[k] for k in plain],
+            [ps[k] for k in untested],
+            [gs[k] for k in untested],
+            [momentum_buffers[k] for k in untested],
             **kernel,
         )
 
 
-def _sgdp_tested(
-    params: list[Tensor],
-    ps: list[Tensor],
-    gs: list[Tensor],
-    momentum_buffers: list[Tensor],
-    tested: list[int],
-    *,
-    lr: float | Tensor,
-    decay: float | Tensor,
-    eps: float,
-    delta: float,
-    wd_ratio: float,
-    decisions: Decisions | None,
-    workspace: Workspace | None,
+# SGDP's projected step is p ← p·(keep + lr·c) − lr·d with c = p·d / (‖p‖ + eps)² per row or
+# for the whole tensor: the rescale here, the rest in torch's fused SGD. The direction's row
+# dots follow by linearity, without touching it: p·b_new = μ·(p·b) + (1−τ)·(p·g), and with
+# nesterov p·d = p·g + μ·(p·b_new), where b is the momentum before the step and g the
+# gradient the step descends along.
+
+
+def _direction_dots(pb: Tensor, gp: Tensor, kernel: dict[str, Any]) -> Tensor:
+    """``p·d`` from ``p·b`` (overwritten) and ``p·g`` (per row, or summed)."""
+    if kernel["maximize"]:
+        gp = -gp
+    d = pb.mul_(kernel["momentum"]).add_(gp, alpha=1 - kernel["dampening"])
+    return torch.add(gp, d, alpha=kernel["momentum"]) if kernel["nesterov"] else d
+
+
+def _sgdp_channel_(
+    p: Tensor,
+    g: Tensor,
+    b: Tensor,
+    outcome: _Outcome,
+    product: Tensor,
+    lr: float,
     kernel: dict[str, Any],
-) -> list[int]:
-    """SGDP's step of the projected tensors among the tested ones: the test of all at once,
-    then tensor by tensor (block by block where the projection is per row, so that the
-    block is in cache) the rescale and torch's fused SGD. Returns the tested tensors that
-    are not projected, rescaled by their decay and left for one SGD call with the others."""
-    product = _block_scratch(ps, tested, "product", workspace)
-    rows, test, outcome = _test_rows(
-        params, ps, gs, tested, product, workspace,
-        delta=delta, eps=eps, wd_ratio=wd_ratio, decay=decay, decisions=decisions,
-    )  # fmt: skip
-    plain = [j for j in range(len(tested)) if not outcome.projected(j)]
-    decayed = [j for j in plain if outcome.keep[j] != 1.0]
-    if decayed:
-        torch._foreach_mul_([ps[tested[j]] for j in decayed], [outcome.keep[j] for j in decayed])
-    # p·g of the gradient the step descends along, per tensor as a [rows, 1] column
-    gp_all = rows.gp.neg() if kernel["maximize"] else rows.gp
-    gps = gp_all.unsqueeze(1).split(rows.segments.lengths)
-    momentum, dampening, nesterov = kernel["momentum"], kernel["dampening"], kernel["nesterov"]
-    lr_value = lr.item() if isinstance(lr, Tensor) else lr  # a CPU tensor: no device sync
+) -> None:
+    """SGDP's step of a tensor projected per row, block by block (``[n0, N/n0]`` views)."""
+    assert outcome.row_scale is not None
+    gp = outcome.gp.unsqueeze(1)
+    for p_b, g_b, b_b, gp_b, row_scale in _in_blocks(p, g, b, gp, outcome.row_scale):
+        x = _matrix(product, p_b.shape)
+        dots = _direction_dots(torch.sum(torch.mul(p_b, b_b, out=x), 1, keepdim=True), gp_b, kernel)
+        p_b.mul_(dots.div_(row_scale).mul_(lr).add_(outcome.keep))
+        _sgd_step([p_b], [g_b], [b_b], **kernel)
 
-    def direction(pb: Tensor, gp: Tensor) -> Tensor:
-        """The direction's row dots by linearity, without touching it: ``p·b_new =
-        μ·(p·b) + (1−τ)·(p·g)``, and with nesterov ``p·d = p·g + μ·(p·b_new)``."""
-        d = pb.mul_(momentum).add_(gp, alpha=1 - dampening)
-        return torch.add(gp, d, alpha=momentum) if nesterov else d
 
-    # p ← p·(keep + lr·c) − lr·d, the last part in torch's fused SGD
-    for j, k in reversed(list(enumerate(tested))):  # the last ones read are in cache
-        if not outcome.projected(j):
-            continue
-        n0 = params[k].shape[0]
-        p, g = row_view(ps[k], n0), row_view(gs[k], n0)
-        b = row_view(momentum_buffers[k], n0)
-        if outcome.layer[j]:  # c for the whole tensor
-            dots = p.new_empty(n0, 1)
-            for p_b, b_b, dots_b in _in_blocks(p, b, dots):
-                x = _matrix(product, p_b.shape)
-                torch.sum(torch.mul(p_b, b_b, out=x), 1, keepdim=True, out=dots_b)
-            c = direction(dots, gps[j]).sum() / test.layer_scale[j]
-            p.mul_(outcome.keep[j] + lr_value * c)
-            _sgd_step([ps[k]], [gs[k]], [momentum_buffers[k]], **kernel)
-            continue
-        blocks = _in_blocks(p, g, b, gps[j], outcome.keep_rows[j], outcome.row_scale[j])
-        for p_b, g_b, b_b, gp, keep, row_scale in blocks:  # c per row: block by block
-            pb = torch.sum(torch.mul(p_b, b_b, out=_matrix(product, p_b.shape)), 1, keepdim=True)
-            p_b.mul_(torch.addcdiv(keep, direction(pb, gp), row_scale, value=lr_value))
-            _sgd_step([p_b], [g_b], [b_b], **kernel)
-    return [tested[j] for j in plain]
+def _sgdp_layer_scale(
+    p: Tensor, b: Tensor, outcome: _Outcome, product: Tensor, lr: float, kernel: dict[str, Any]
+) -> Tensor:
+    """``keep + lr·c`` of a tensor projected as a whole (``[n0, N/n0]`` views)."""
+    assert outcome.layer_scale is not None
+    pb = p.new_empty(p.shape[0], 1)
+    for p_b, b_b, pb_b in _in_blocks(p, b, pb):
+        torch.sum(torch.mul(p_b, b_b, out=_matrix(product, p_b.shape)), 1, keepdim=True, out=pb_b)
+    dots = _direction_dots(pb, outcome.gp.unsqueeze(1), kernel)
+    return outcome.keep + lr * (dots.sum() / outcome.layer_scale)
 
 
 def _sgd_step(ps: list[Tensor], gs: list[Tensor], bs: list[Tensor], **kernel: Any) -> None:
