@@ -266,10 +266,13 @@ def test_statistics_off_adds_no_work_to_the_step(name: str, foreach: bool) -> No
     off, on_ = counts[False], counts[True]
     assert off.param_copies == 0
     assert sum(off.ops.values()) < sum(on_.ops.values())
-    # The projection takes row norms itself; tracking adds exactly two per param (‖w‖ before
-    # the step and ‖Δw‖), and a snapshot copy of each: the recorder sees that work when on.
+    # The projection takes row norms itself; tracking adds two per param (‖w‖ before the
+    # step and ‖Δw‖), and a snapshot copy of each: the recorder sees that work when on. The
+    # CPU default path also completes the test's record (the layer view's cosine, two
+    # norms) of a tensor whose channel view passed, which it skips when nothing is recorded.
     extra_norms = on_.ops["linalg_vector_norm"] - off.ops["linalg_vector_norm"]
-    assert extra_norms == 2 * len(params)
+    tested = sum(p.dim() > 1 for p in params)
+    assert 2 * len(params) <= extra_norms <= 2 * len(params) + 2 * tested
     assert on_.param_copies >= len(params)
 
 
