@@ -537,6 +537,34 @@ def test_default_path_test_compares_in_the_tensor_dtype() -> None:
     assert (outcome.channel, outcome.layer) == (False, False)
 
 
+@pytest.mark.parametrize("cls", [AdamP, SGDP])
+def test_default_path_low_precision_lr_tensor_matches_reference(cls: type) -> None:
+    """A float16 lr tensor with float64 params: the decay is computed from lr's value in
+    double for every tensor, projected or not, as the reference does with lr = float(lr)."""
+    lr = torch.tensor(0.01, dtype=torch.float16)  # 0.010002..., not 0.01
+    hyper = dict(weight_decay=0.3, wd_ratio=0.7)
+    if cls is SGDP:
+        hyper["momentum"] = 0.9
+    shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3)]  # projected per row, as a whole, not
+
+    def params() -> list[Tensor]:
+        return [leaf(_random(s, j)) for j, s in enumerate(shapes)]
+
+    ours = make_opt(cls, "default", params(), lr=lr, **hyper)
+    # SGDP: the reference with its buffer aliasing fixed (the known difference, see
+    # test_parity_reference)
+    reference_cls = ref.AdamP if cls is AdamP else spy(ref.SGDP, fixed=True)
+    reference = reference_cls(params(), lr=lr.item(), **hyper)
+    for k in range(3):
+        for opt in (ours, reference):
+            ps = all_params(opt)
+            for p, g in zip(ps, _outcome_grads(ps, k), strict=True):
+                p.grad = g
+            opt.step()
+    for a, b in zip(all_params(ours), all_params(reference), strict=True):
+        torch.testing.assert_close(a, b, **F64)
+
+
 def test_workspace_contents_never_reach_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """``torch.empty`` memory may hold anything: filled with NaN, every path stays exact."""
     real_empty, real_empty_like = torch.empty, torch.empty_like

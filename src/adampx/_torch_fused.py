@@ -190,6 +190,12 @@ class _Outcome(NamedTuple):
         return self.channel or self.layer
 
 
+def _value(x: float | Tensor) -> float:
+    """A number given as a Python float or a one-element CPU tensor (no device to wait for),
+    as a Python float: the decay is then computed in double, as torch's fused kernels do."""
+    return x.item() if isinstance(x, Tensor) else x
+
+
 def _rounded(x: float, dtype: torch.dtype) -> float:
     """``x`` rounded to ``dtype`` (float32 or float64), as a tensor comparison rounds it."""
     return struct.unpack("f", struct.pack("f", x))[0] if dtype == torch.float32 else x
@@ -210,11 +216,10 @@ class _Tester:
         delta: float,
         eps: float,
         wd_ratio: float,
-        decay: float | Tensor,
+        decay: float,
         decisions: Decisions | None,
     ) -> None:
         self.delta, self.eps, self.decisions = delta, eps, decisions
-        decay = decay.item() if isinstance(decay, Tensor) else decay  # a CPU tensor
         self.keep = (1 - decay * wd_ratio, 1 - decay)  # projected, not projected
 
     def __call__(self, param: Tensor, p: Tensor, g: Tensor, x: Tensor) -> _Outcome:
@@ -317,7 +322,8 @@ def adamp_(
     like, size = ps[tested[0]], _block_size(ps, tested)
     product = scratch(workspace, "product", size, like.dtype, like.device)
     tester = _Tester(
-        delta=delta, eps=eps, wd_ratio=wd_ratio, decay=lr * weight_decay, decisions=decisions
+        delta=delta, eps=eps, wd_ratio=wd_ratio, decay=_value(lr) * weight_decay,
+        decisions=decisions,
     )  # fmt: skip
     for k in tested:  # each tensor finished while it is in cache
         n0 = params[k].shape[0]
@@ -388,10 +394,11 @@ def sgdp_(
     if tested:
         like = ps[tested[0]]
         product = scratch(workspace, "product", _block_size(ps, tested), like.dtype, like.device)
+        lr_value = _value(lr)
         tester = _Tester(
-            delta=delta, eps=eps, wd_ratio=wd_ratio, decay=decay, decisions=decisions
+            delta=delta, eps=eps, wd_ratio=wd_ratio, decisions=decisions,
+            decay=lr_value * weight_decay / (1 - momentum) if weight_decay != 0 else 0.0,
         )  # fmt: skip
-        lr_value = lr.item() if isinstance(lr, Tensor) else lr  # a CPU tensor: no device sync
         for k in tested:  # each tensor finished while it is in cache
             n0 = params[k].shape[0]
             p, g = row_view(ps[k], n0), row_view(gs[k], n0)
