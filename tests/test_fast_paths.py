@@ -565,6 +565,27 @@ def test_default_path_low_precision_lr_tensor_matches_reference(cls: type) -> No
         torch.testing.assert_close(a, b, **F64)
 
 
+@pytest.mark.parametrize("cls", [AdamP, SGDP])
+@pytest.mark.parametrize("path", ["plain", "default"])
+def test_lr_tensor_of_any_one_element_shape(cls: type, path: str) -> None:
+    """``lr=torch.tensor([[0.01]])`` steps as ``lr=0.01`` on every path, also for a param no
+    kernel takes (a strided view)."""
+    hyper = dict(momentum=0.9) if cls is SGDP else {}
+
+    def run(lr: float | Tensor) -> list[Tensor]:
+        params = [leaf(_random((20,), 0)[::2]), leaf(_random((6, 5), 1))]
+        opt = make_opt(cls, path, params, lr=lr, **hyper)
+        for k in range(2):
+            for j, p in enumerate(params):
+                p.grad = make_grad(p, k, j)
+            opt.step()
+        return params
+
+    lr = torch.tensor([[0.01]], dtype=torch.float64)
+    for a, b in zip(run(lr), run(lr.item()), strict=True):
+        torch.testing.assert_close(a, b, **F64)
+
+
 def test_workspace_contents_never_reach_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """``torch.empty`` memory may hold anything: filled with NaN, every path stays exact."""
     real_empty, real_empty_like = torch.empty, torch.empty_like

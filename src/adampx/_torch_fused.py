@@ -132,8 +132,6 @@ def kernel_step(
         and (step_ok is None or steps is None or step_ok(steps[k]))
     ]
     extra = [] if steps is None else [steps]
-    if isinstance(hyper.get("lr"), Tensor):  # a one-element lr of any shape, as a 0-d tensor
-        hyper["lr"] = hyper["lr"].reshape(())
     for (device, _), same_dtype in group_by_device_and_dtype([ps[k] for k in fast]).items():
         chosen = [fast[i] for i in same_dtype]
         impl = impls[torch.device(device).type]

@@ -211,6 +211,8 @@ def adamp(
         workspace: scratch buffers kept between calls (the optimizer passes its own);
             without, the CPU kernels allocate theirs at every call.
     """
+    if isinstance(lr, Tensor):  # a one-element lr of any shape, as a 0-d tensor
+        lr = lr.reshape(())
     hyper: dict[str, Any] = dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, delta=delta,
         wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, projection=projection,

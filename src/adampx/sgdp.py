@@ -188,6 +188,8 @@ def sgdp(
         workspace: scratch buffers kept between calls (the optimizer passes its own);
             without, the CPU kernels allocate theirs at every call.
     """
+    if isinstance(lr, Tensor):  # a one-element lr of any shape, as a 0-d tensor
+        lr = lr.reshape(())
     hyper: dict[str, Any] = dict(
         lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
         nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio, maximize=maximize,
