@@ -173,6 +173,20 @@ def _matrix(buffer: Tensor, shape: torch.Size) -> Tensor:
     return buffer.as_strided(shape, (shape[1], 1))
 
 
+def _row_dots(a: Tensor, b: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``a_i·b_i`` of every row of two matrices, as a ``[rows, 1]`` column (the product is
+    written into the flat scratch ``x``: no torch kernel reduces it without writing it)."""
+    return torch.sum(torch.mul(a, b, out=_matrix(x, a.shape)), 1, keepdim=True, out=out)
+
+
+def _blocked_row_dots(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
+    """:func:`_row_dots` of whole tensors (``[n0, N/n0]`` views), block by block."""
+    dots = a.new_empty(a.shape[0], 1)
+    for a_b, b_b, dots_b in _in_blocks(a, b, dots):
+        _row_dots(a_b, b_b, x, out=dots_b)
+    return dots
+
+
 class _Outcome(NamedTuple):
     """One tensor's outcome of the test, as Python values where the work depends on them."""
 
@@ -336,19 +350,15 @@ def adamp_(
             assert outcome.layer_scale is not None
             w = scratch(workspace, "whole", p.numel(), p.dtype, p.device).view(p.shape)
             _adam_direction(w.zero_(), g, m, v, step, lr, kernel)
-            dots = p.new_empty(n0, 1)
-            for p_b, w_b, dots_b in _in_blocks(p, w, dots):
-                x = _matrix(product, p_b.shape)
-                torch.sum(torch.mul(p_b, w_b, out=x), 1, keepdim=True, out=dots_b)
-            torch.addcmul(w, p, outcome.keep - dots.sum() / outcome.layer_scale, out=p)
+            pw = _blocked_row_dots(p, w, product).sum()
+            torch.addcmul(w, p, outcome.keep - pw / outcome.layer_scale, out=p)
         else:  # c per row: block by block
             assert outcome.row_scale is not None
             work = scratch(workspace, "work", size, like.dtype, like.device)
             for p_b, g_b, m_b, v_b, row_scale in _in_blocks(p, g, m, v, outcome.row_scale):
                 w = _matrix(work, p_b.shape).zero_()
                 _adam_direction(w, g_b, m_b, v_b, step, lr, kernel)
-                x = _matrix(product, p_b.shape)
-                pw = torch.sum(torch.mul(p_b, w, out=x), 1, keepdim=True)
+                pw = _row_dots(p_b, w, product)
                 # w − c·p is the projected step: p ← p·(keep − c) + w, c = p·w/(‖p‖ + eps)²
                 torch.addcmul(w, p_b, outcome.keep - pw.div_(row_scale), out=p_b)
 
@@ -447,8 +457,7 @@ def _sgdp_channel_(
     assert outcome.row_scale is not None
     gp = outcome.gp.unsqueeze(1)
     for p_b, g_b, b_b, gp_b, row_scale in _in_blocks(p, g, b, gp, outcome.row_scale):
-        x = _matrix(product, p_b.shape)
-        dots = _direction_dots(torch.sum(torch.mul(p_b, b_b, out=x), 1, keepdim=True), gp_b, kernel)
+        dots = _direction_dots(_row_dots(p_b, b_b, product), gp_b, kernel)
         p_b.mul_(dots.div_(row_scale).mul_(lr).add_(outcome.keep))
         _sgd_step([p_b], [g_b], [b_b], **kernel)
 
@@ -458,10 +467,7 @@ def _sgdp_layer_scale(
 ) -> Tensor:
     """``keep + lr·c`` of a tensor projected as a whole (``[n0, N/n0]`` views)."""
     assert outcome.layer_scale is not None
-    pb = p.new_empty(p.shape[0], 1)
-    for p_b, b_b, pb_b in _in_blocks(p, b, pb):
-        torch.sum(torch.mul(p_b, b_b, out=_matrix(product, p_b.shape)), 1, keepdim=True, out=pb_b)
-    dots = _direction_dots(pb, outcome.gp.unsqueeze(1), kernel)
+    dots = _direction_dots(_blocked_row_dots(p, b, product), outcome.gp.unsqueeze(1), kernel)
     return outcome.keep + lr * (dots.sum() / outcome.layer_scale)
 
 
