@@ -545,7 +545,8 @@ def test_default_path_low_precision_lr_tensor_matches_reference(cls: type) -> No
     hyper = dict(weight_decay=0.3, wd_ratio=0.7)
     if cls is SGDP:
         hyper["momentum"] = 0.9
-    shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3)]  # projected per row, as a whole, not
+    # projected per row, as a whole, not; and an untested bias
+    shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3), (16,)]
 
     def params() -> list[Tensor]:
         return [leaf(_random(s, j)) for j, s in enumerate(shapes)]

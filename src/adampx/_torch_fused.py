@@ -392,7 +392,8 @@ def sgdp_(
     workspace: Workspace | None = None,
 ) -> None:
     """SGDP (momentum > 0) for compute views that pass :func:`supported`, of one dtype."""
-    decay = lr * weight_decay / (1 - momentum) if weight_decay != 0 else 0.0
+    lr_value = _value(lr)
+    decay = lr_value * weight_decay / (1 - momentum) if weight_decay != 0 else 0.0
     tested, untested = split_tested(params, projection)
     kernel: dict[str, Any] = dict(
         momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov, maximize=maximize
@@ -402,10 +403,8 @@ def sgdp_(
     if tested:
         like = ps[tested[0]]
         product = scratch(workspace, "product", _block_size(ps, tested), like.dtype, like.device)
-        lr_value = _value(lr)
         tester = _Tester(
-            delta=delta, eps=eps, wd_ratio=wd_ratio, decisions=decisions,
-            decay=lr_value * weight_decay / (1 - momentum) if weight_decay != 0 else 0.0,
+            delta=delta, eps=eps, wd_ratio=wd_ratio, decay=decay, decisions=decisions
         )  # fmt: skip
         for k in tested:  # each tensor finished while it is in cache
             n0 = params[k].shape[0]
