@@ -520,6 +520,47 @@ def test_default_path_works_in_row_blocks(
         assert "whole" not in sizes
 
 
+@pytest.mark.parametrize(
+    "row_limit", [fused_kernel.ROW_LIMIT, 8], ids=["rows-in-cache", "long-rows"]
+)
+@pytest.mark.parametrize("config", ["adamp", "adamp-nesterov", "sgdp-nesterov", "sgdp-damp-max"])
+def test_fused_kernel_takes_each_outcome(
+    config: str, row_limit: int, monkeypatch: pytest.MonkeyPatch, path_spy: PathSpy
+) -> None:
+    """One tensor per outcome of the test, each above the kernel's threading threshold
+    (65536 elements), on two threads, matches the plain path: projected per row (AdamP row
+    by row with its row buffer, or with ``row_limit`` 8 the second pass that recomputes the
+    direction), projected as a whole, not projected. AdamP's scratch is one row per thread."""
+    monkeypatch.setattr(fused_kernel, "ROW_LIMIT", row_limit)
+    shapes = [(96, 8, 9, 10), (300, 230), (80, 900)]  # 69120, 69000 and 72000 elements
+    cls, hyper = CONFIGS[config]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opts = {
+            path: make_opt(cls, path, [leaf(_random(s, j)) for j, s in enumerate(shapes)], **hyper)
+            for path in ("plain", "fused")
+        }
+        for k in range(4):
+            for opt in opts.values():
+                params = all_params(opt)
+                for p, g in zip(params, _outcome_grads(params, k), strict=True):
+                    p.grad = g
+                outcomes = [decide(row_statistics(p.detach(), p.grad), 0.1, 1e-8) for p in params]
+                assert [(bool(d.channel), bool(d.layer)) for d in outcomes] == [
+                    (True, False),
+                    (False, True),
+                    (False, False),
+                ]
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    path_spy.assert_only(all_params(opts["fused"]), "kernel")
+    assert_same_state(opts["plain"], opts["fused"], **F64)
+    sizes = {name: b.numel() for (name, _, _), b in opts["fused"]._workspace._buffers.items()}
+    assert sizes == ({"row": 2 * min(row_limit, 900)} if cls is AdamP else {}), sizes
+
+
 def test_default_path_test_compares_in_the_tensor_dtype() -> None:
     """A float32 cosine that equals the threshold rounded to float32 fails the test (``cos <
     threshold`` is false in float32), in the default path's test as in ``decide``, though

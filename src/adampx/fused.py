@@ -1,13 +1,15 @@
 """``fused=True``: the whole AdamP / SGDP step in one compiled CPU kernel.
 
-The kernel (``adampx/kernels/projected_step.c``) makes two passes over each tested tensor:
-the first updates the moments and sums ``p·p``, ``g·g``, ``p·g`` and ``p·d`` per row with the
-update direction ``d`` computed on the fly; the test then runs on those sums; the second
-pass writes the param. AdamP keeps ``d`` in a workspace as large as the largest tensor
-between the passes (recomputing its square root and division cost more time than the
-memory traffic); SGDP recomputes ``d`` from its momentum. AdamP reads 6 and writes 4
-param-sized arrays, against AdamW's 4 and 3, SGDP 5 and 2 against SGD's 3 and 2; one call
-steps the whole param group.
+The kernel (``adampx/kernels/projected_step.c``) steps each tested tensor in three stages:
+its row sums ``p·p``, ``g·g`` and ``p·g`` (a read of ``p`` and ``g``); the scale-invariance
+test on them; then the step with the memory traffic of AdamW / SGD. A tensor the test does
+not project takes AdamW's or SGD's one-pass step. One projected per row is stepped row by
+row: the moments and the update direction ``d`` of a row (AdamP keeps it in a per-thread
+buffer of one row), its dot with ``p`` and the row's coefficient, then the param, while
+the row is still in cache. So AdamP reads 6 and writes 3 param-sized arrays where AdamW
+reads 4 and writes 3, and SGDP reads 5 and writes 2 where SGD reads 3 and writes 2. A
+tensor projected as a whole, or rows longer than :data:`ROW_LIMIT` (rare), take a second
+pass that recomputes ``d`` from the updated moments. One call steps the whole param group.
 
 The kernel is plain C with OpenMP. It is compiled on first use with the system C compiler
 (``$CC``, else ``cc``; about a second) and cached under ``$ADAMPX_KERNEL_CACHE``, else
@@ -55,14 +57,23 @@ class KernelBuildError(RuntimeError):
     """The C compiler could not build the fused kernel."""
 
 
+# AdamP steps rows up to this many elements in cache, in a per-thread buffer of one row
+# (a float32 row of this length is 256 KiB: in L2); longer rows take a second pass
+ROW_LIMIT = 1 << 16
+
+
 class _Hyper(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_double)
-        for name in (
-            "lr", "beta1", "beta2", "eps", "weight_decay", "delta", "wd_ratio",
-            "momentum", "dampening",
-        )
-    ] + [(name, ctypes.c_int32) for name in ("maximize", "nesterov", "threads")]  # fmt: skip
+    _fields_ = (
+        [
+            (name, ctypes.c_double)
+            for name in (
+                "lr", "beta1", "beta2", "eps", "weight_decay", "delta", "wd_ratio",
+                "momentum", "dampening",
+            )
+        ]
+        + [("row_limit", ctypes.c_int64)]
+        + [(name, ctypes.c_int32) for name in ("maximize", "nesterov", "threads")]
+    )  # fmt: skip
 
 
 def cache_dir() -> Path:
@@ -192,7 +203,7 @@ def _run(
     tested = [projection and is_projectable(param) for param in params]
     rows = [p.shape[0] if t else 1 for p, t in zip(ps, tested, strict=True)]
     cols = [p.numel() // r for p, r in zip(ps, rows, strict=True)]
-    work = torch.empty(5 * max(rows), dtype=torch.float64)
+    sums = torch.empty(4 * max(rows), dtype=torch.float64)  # per row: p·p, g·g, p·g; p·d
     out = torch.zeros(len(ps), 4, dtype=torch.float64)
     suffix = "f32" if ps[0].dtype == torch.float32 else "f64"
     args = [ctypes.c_int64(len(ps)), *(_pointers(a) for a in [ps, *arrays])]
@@ -203,12 +214,13 @@ def _run(
         _int_array(ctypes.c_int64, cols),
         _int_array(ctypes.c_int32, [int(t) for t in tested]),
         ctypes.byref(hyper),
-        _PTR(work.data_ptr()),
+        _PTR(sums.data_ptr()),
     ]
-    if name == "adamp":  # AdamP keeps the direction of the tensor in hand between its passes
-        largest = max([p.numel() for p, t in zip(ps, tested, strict=True) if t], default=1)
-        direction = scratch(workspace, "direction", largest, ps[0].dtype, ps[0].device)
-        args.append(_PTR(direction.data_ptr()))
+    if name == "adamp":  # AdamP keeps the direction of a row in hand, one row per thread
+        longest = max([c for c, t in zip(cols, tested, strict=True) if t], default=1)
+        hyper.row_limit = min(ROW_LIMIT, longest)
+        size = hyper.threads * hyper.row_limit
+        args.append(_PTR(scratch(workspace, "row", size, ps[0].dtype, ps[0].device).data_ptr()))
     args.append(_PTR(out.data_ptr()))
     getattr(_library(), f"{name}_{suffix}")(*args)
     if decisions is None:
