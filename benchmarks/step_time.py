@@ -6,15 +6,18 @@
 For each shape set (the parameter shapes of ResNet-50, of ViT-B/16, and an LLM-like set of
 large matrices; generated here, no torchvision), every candidate optimizer steps the same
 parameters with the same random gradients. The candidates are *interleaved*: each round
-times one step of every candidate in turn, so that the machine's noise hits all of them
-alike; the table shows the median over rounds, the ratio to the matching fused torch
-optimizer (AdamW(fused=True) for the Adam family, SGD(momentum=0.9, fused=True) for the SGD
-family), and the peak extra memory of one step.
+times one step of every candidate in turn (each round starting at the next candidate), so
+that the machine's noise hits all of them alike. The table shows the median step time over
+rounds; the ratio to the matching fused torch optimizer (AdamW(fused=True) for the Adam
+family, SGD(momentum=0.9, fused=True) for the SGD family) as the median over rounds of the
+ratio *within* each round, with its quartiles, so that a slow phase of the machine, which
+slows both steps of a round, divides out; how many times faster than the reference package,
+likewise; and the peak extra memory of one step.
 
 Peak extra memory is measured by counting, during one (non-first) step, the bytes of every
 tensor that an operation creates and that is still alive, through a
 ``TorchDispatchMode``; the peak of that count, plus the scratch buffers an adampx optimizer
-keeps between steps (its workspace: one or two buffers as large as the largest tensor), is
+keeps between steps (its workspace), is
 what the step needs beyond the params, gradients and optimizer state. It counts tensors, not
 allocator blocks.
 
@@ -127,6 +130,23 @@ FUSED = {"adam": "AdamW fused", "sgd": "SGD fused"}
 REFERENCE = {"adam": "reference AdamP", "sgd": "reference SGDP"}
 
 
+def dense_parts(tree: Any) -> list[torch.Tensor]:
+    """The dense tensors that hold the data of the tensors in ``tree``: a strided tensor
+    itself, a sparse CSR tensor's indices and values (the default CPU path computes row dot
+    products with ``torch.sparse.sampled_addmm``), a sparse COO tensor's."""
+    parts = []
+    for t in tree_flatten(tree)[0]:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.layout == torch.strided:
+            parts.append(t)
+        elif t.layout == torch.sparse_csr:
+            parts += [t.crow_indices(), t.col_indices(), t.values()]
+        elif t.layout == torch.sparse_coo:
+            parts += [t._indices(), t._values()]
+    return parts
+
+
 class _LiveBytes(TorchDispatchMode):
     """Tracks the bytes of tensors created by operations and still alive; keeps the peak."""
 
@@ -141,14 +161,10 @@ class _LiveBytes(TorchDispatchMode):
         self.live -= nbytes
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs or {}))[0]
-            if isinstance(t, torch.Tensor)
-        }
+        inputs = {t.untyped_storage().data_ptr() for t in dense_parts((args, kwargs or {}))}
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        for t in dense_parts(out):
+            if t.device.type == "meta":
                 continue
             storage = t.untyped_storage()
             key = storage.data_ptr()
@@ -179,13 +195,17 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def peak_extra_mib(optimizer: Any) -> float:
-    """Peak MiB of tensors one step creates (the optimizer has stepped before), plus the
-    scratch buffers an adampx optimizer keeps between steps (its workspace)."""
+    """Peak MiB of tensors one step creates (the optimizer has stepped before), plus what
+    an adampx optimizer keeps between steps (its workspace: scratch buffers, and constants
+    such as the diagonal patterns of its row dot products)."""
     with _LiveBytes() as mode:
         optimizer.step()
-    buffers = getattr(getattr(optimizer, "_workspace", None), "_buffers", {})
-    kept = sum(b.numel() * b.element_size() for b in buffers.values())
-    return (mode.peak + kept) / 2**20
+    workspace = getattr(optimizer, "_workspace", None)
+    kept_tensors = dense_parts(
+        [getattr(workspace, "_buffers", {}), list(getattr(workspace, "_constants", {}).values())]
+    )
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept_tensors}
+    return (mode.peak + sum(storages.values())) / 2**20
 
 
 def tangent_grads_(params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None:
@@ -198,6 +218,12 @@ def tangent_grads_(params: list[torch.nn.Parameter], grads: list[torch.Tensor]) 
             along = (rows * grad_rows).sum(1, keepdim=True) / (rows * rows).sum(1, keepdim=True)
             assert p.grad is not None
             torch.sub(grad_rows, along * rows, out=p.grad.view(grad_rows.shape))
+
+
+def paired_ratios(numerators: list[float], denominators: list[float]) -> list[float]:
+    """Round by round ``numerators[r] / denominators[r]``: two candidates timed seconds apart
+    in the same round, so that a slow phase of the machine divides out of their ratio."""
+    return [a / b for a, b in zip(numerators, denominators, strict=True)]
 
 
 def measure_set(name: str, rounds: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -221,33 +247,42 @@ def measure_set(name: str, rounds: int, seed: int = 0) -> list[dict[str, Any]]:
         optimizer.step()  # creates the state; not timed
         runs[label] = (family, optimizer)
     times: dict[str, list[float]] = {label: [] for label in runs}
-    for _ in range(rounds):
-        for label, (_, optimizer) in runs.items():
+    order = list(runs)
+    for r in range(rounds):
+        # each round starts at another candidate, so that none always runs after the same one
+        for label in order[r % len(order) :] + order[: r % len(order)]:
             tangent_grads_(*tangent[label])
-            times[label].append(timed(optimizer.step))
-    medians = {label: statistics.median(ts) for label, ts in times.items()}
+            times[label].append(timed(runs[label][1].step))
     rows = []
     for label, (family, optimizer) in runs.items():
         tangent_grads_(*tangent[label])
+        ratios = paired_ratios(times[label], times[FUSED[family]])
+        quartiles = statistics.quantiles(ratios, n=4)
         rows.append(
             {
                 "set": name,
                 "candidate": label,
-                "ms": 1e3 * medians[label],
-                "ratio": medians[label] / medians[FUSED[family]],
-                "speedup": medians[REFERENCE[family]] / medians[label],
+                "ms": 1e3 * statistics.median(times[label]),
+                "ratio": statistics.median(ratios),
+                "ratio_q1": quartiles[0],
+                "ratio_q3": quartiles[2],
+                "speedup": statistics.median(paired_ratios(times[REFERENCE[family]], times[label])),
                 "mib": peak_extra_mib(optimizer),
             }
         )
     n_params = sum(torch.Size(s).numel() for s in shapes)
     print(f"\n{name}: {n_params / 1e6:.1f}M parameters in {len(shapes)} tensors, "
           f"{sum(invariant)} scale invariant, {rounds} rounds")  # fmt: skip
-    header = f"{'candidate':<22}{'median ms':>10}{'× fused':>9}{'ref ÷ this':>12}{'peak MiB':>10}"
+    header = (
+        f"{'candidate':<22}{'median ms':>10}{'× fused':>9}{'(quartiles)':>14}{'ref ÷ this':>12}"
+        f"{'peak MiB':>10}"
+    )
     print("  " + header)
     for r in rows:
+        spread = f"({r['ratio_q1']:.2f}–{r['ratio_q3']:.2f})"
         print(
-            f"  {r['candidate']:<22}{r['ms']:>10.1f}{r['ratio']:>9.2f}{r['speedup']:>12.2f}"
-            f"{r['mib']:>10.1f}"
+            f"  {r['candidate']:<22}{r['ms']:>10.1f}{r['ratio']:>9.2f}{spread:>14}"
+            f"{r['speedup']:>12.2f}{r['mib']:>10.1f}"
         )
     return rows
 
@@ -290,7 +325,7 @@ def end_to_end(rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sets", nargs="+", default=list(SHAPE_SETS), choices=list(SHAPE_SETS))
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-end-to-end", action="store_true")
     args = parser.parse_args()

@@ -24,7 +24,8 @@ def force_eager_math(monkeypatch) -> None:
 
 def force_small_blocks(monkeypatch, block_elements: int = 24) -> None:
     """Make the CPU default path cut its tensors into row blocks of about
-    ``block_elements`` elements (one row where a row is longer), as it cuts large ones."""
+    ``block_elements`` elements (one row where a row is longer), as it cuts large ones
+    (AdamP's projected tensors; SGDP's are stepped whole)."""
     import adampx._torch_fused
 
     monkeypatch.setattr(adampx._torch_fused, "BLOCK_ELEMENTS", block_elements)

@@ -24,6 +24,8 @@ import functools
 import importlib
 import math
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
@@ -38,7 +40,8 @@ import test_statistics as stats_model
 from adampx import SGDP, AdamP
 from adampx import _torch_fused as torch_fused
 from adampx import fused as fused_kernel
-from adampx.projection import decide, row_statistics
+from adampx._tensors import Workspace
+from adampx.projection import RowStatistics, decide, row_statistics
 from norm_mlp import make_model as make_norm_mlp
 from test_dtypes_shapes import leaf, make_grad
 from test_parity_reference import MODELS, check_fired, check_parity, spy
@@ -487,7 +490,7 @@ def test_default_path_works_in_row_blocks(
     config: str, monkeypatch: pytest.MonkeyPatch, path_spy: PathSpy
 ) -> None:
     """Tensors larger than a row block, one per outcome of the test, match the plain path;
-    the default path's scratch is one block, but for the tensor projected as a whole."""
+    AdamP's scratch is one block, but for the tensor projected as a whole, SGDP's none."""
     monkeypatch.setattr(torch_fused, "BLOCK_ELEMENTS", 300)
     shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3)]  # 1080, 1200 and 1008 elements
     cls, hyper = CONFIGS[config]
@@ -511,13 +514,12 @@ def test_default_path_works_in_row_blocks(
     assert_same_state(opts["plain"], opts["default"], **F64)
     buffers = opts["default"]._workspace._buffers
     sizes = {name: b.numel() for (name, _, _), b in buffers.items()}
-    # the largest block: 300 // 45 = 6 rows of 45, 300 // 63 = 4 rows of 63
-    block = max(6 * 45, 300 // 60 * 60, 4 * 63)
-    assert all(n == block for name, n in sizes.items() if name != "whole"), sizes
-    if cls is AdamP:  # the step of the whole tensor, for its coefficient
-        assert sizes["whole"] == 1200
-    else:
-        assert "whole" not in sizes
+    if cls is AdamP:
+        # Adam's step of a block, the largest of any tested tensor: 300 // 45 = 6 rows of
+        # 45, 5 rows of 60, 300 // 63 = 4 rows of 63; and of the tensor projected as a whole
+        assert sizes == {"work": max(6 * 45, 5 * 60, 4 * 63), "whole": 1200}, sizes
+    else:  # SGDP writes nothing param-sized
+        assert sizes == {}, sizes
 
 
 @pytest.mark.parametrize(
@@ -564,18 +566,60 @@ def test_fused_kernel_takes_each_outcome(
 def test_default_path_test_compares_in_the_tensor_dtype() -> None:
     """A float32 cosine that equals the threshold rounded to float32 fails the test (``cos <
     threshold`` is false in float32), in the default path's test as in ``decide``, though
-    the threshold in double is a little above it."""
+    the threshold in double is a little above it. The cosine is the one the default path
+    computes (its row dot products may differ from ``decide``'s in the last bit)."""
     p, g = _random((1, 50), 0, torch.float32), _random((1, 50), 1, torch.float32)
-    cos = decide(row_statistics(p, g), 1.0, 1e-8).max_cosine_channel
+    stats = RowStatistics(
+        gp=torch_fused._row_dots(p, g, None).clone(),
+        g_norm=torch.linalg.vector_norm(g, dim=1),
+        p_norm=torch.linalg.vector_norm(p, dim=1),
+        row_length=50,
+    )
+    cos = decide(stats, 1.0, 1e-8).max_cosine_channel
     spacing = (torch.nextafter(cos, torch.tensor(math.inf)) - cos).item()
     threshold = cos.item() + spacing / 4  # rounds to cos in float32
     delta = threshold * math.sqrt(50)
     assert cos.item() < delta / math.sqrt(50)
-    reference = decide(row_statistics(p, g), delta, 1e-8)
+    reference = decide(stats, delta, 1e-8)
     assert not bool(reference.channel) and not bool(reference.layer)
-    tester = torch_fused._Tester(delta=delta, eps=1e-8, wd_ratio=0.1, decay=0.0, decisions=None)
-    outcome = tester(p, p, g, torch.empty(50))
+    tester = torch_fused._Tester(
+        delta=delta, eps=1e-8, wd_ratio=0.1, decay=0.0, decisions=None, workspace=None
+    )
+    outcome = tester(p, p, g)
     assert (outcome.channel, outcome.layer) == (False, False)
+    # a hair above the tie, both pass
+    above = (cos.item() + spacing) * math.sqrt(50)
+    assert bool(decide(stats, above, 1e-8).channel)
+    tester.delta = above
+    assert tester(p, p, g).channel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 70000), (7, 130), (300, 9)])
+def test_row_dots_are_the_row_sums_of_the_product(
+    shape: tuple[int, int], dtype: torch.dtype
+) -> None:
+    """The default path's row dot products (``torch.sparse.sampled_addmm`` at the diagonal)
+    against ``(a·b).sum(1)`` in float64, for whole matrices and row blocks (slices); the two
+    slots are separate results; a zero row and an infinity stay in their rows."""
+    a, b = _random(shape, 0, dtype), _random(shape, 1, dtype)
+    workspace = Workspace()
+    truth = (a.double() * b.double()).sum(1)
+    tol = dict(rtol=1e-5, atol=1e-5 * shape[1] ** 0.5) if dtype == torch.float32 else F64
+    first = torch_fused._row_dots(a, b, workspace, slot=0)
+    second = torch_fused._row_dots(a, a, workspace, slot=1)
+    torch.testing.assert_close(first.double(), truth, **tol)
+    torch.testing.assert_close(second.double(), (a.double() ** 2).sum(1), **tol)
+    if shape[0] > 1:  # a block of rows, as the default path cuts large tensors
+        block = torch_fused._row_dots(a[1:], b[1:], workspace, slot=1)
+        torch.testing.assert_close(block.double(), truth[1:], **tol)
+    a[0].zero_()
+    b[-1, 0] = math.inf if shape[0] > 1 else 0.0
+    special = torch_fused._row_dots(a, b, workspace).double()
+    assert special[0] == 0
+    if shape[0] > 1:
+        assert not special[-1].isfinite()
+        torch.testing.assert_close(special[1:-1], truth[1:-1], **tol)
 
 
 @pytest.mark.parametrize("cls", [AdamP, SGDP])
@@ -1049,3 +1093,22 @@ def test_unwritable_kernel_cache_is_a_build_error(monkeypatch, tmp_path) -> None
     finally:
         monkeypatch.undo()
         adampx.fused.load()
+
+
+def test_default_path_warns_nothing() -> None:
+    """The default path's row dot products use a sparse CSR pattern, whose first use makes
+    torch warn that sparse CSR support is in beta: the user, who asked for none, must not
+    see it (a fresh process, where torch has not warned yet, with warnings as errors)."""
+    script = (
+        "import torch, adampx\n"
+        "for cls in (adampx.AdamP, adampx.SGDP):\n"
+        "    p = torch.nn.Parameter(torch.randn(4, 3))\n"
+        "    p.grad = torch.randn(4, 3)\n"
+        "    opt = cls([p], lr=0.1, momentum=0.9) if cls is adampx.SGDP else cls([p])\n"
+        "    opt.step()\n"
+        "    assert opt._workspace._constants, 'no diagonal pattern: the test tests nothing'\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stderr

@@ -149,14 +149,17 @@ class Workspace:
     The contents are scratch: every user writes before it reads.
 
     It also keeps small constants that a step derives from the params' shapes (index and
-    threshold tensors on the device), so that they are copied to the device once, not at
-    every step: a copy from the host inside a captured CUDA graph would fail.
+    threshold tensors on the device, so that they are copied to the device once, not at
+    every step: a copy from the host inside a captured CUDA graph would fail; the CPU
+    kernels' diagonal patterns for their row dot products).
     """
 
-    # The most recent constants kept. A step uses one set of index tensors per bucket and
-    # one for all buckets (up to about ten per dtype and param group), so this bound only
-    # drops sets that the recent steps no longer use (params that got no gradient, say).
-    CONSTANTS = 64
+    # The most recent constants kept. A CUDA step uses one set of index tensors per bucket
+    # and one for all buckets (up to about ten per dtype and param group); a CPU step one
+    # diagonal pattern per distinct row count of its tested tensors and of AdamP's row
+    # blocks (about 30 on ResNet-50). So this bound only drops what the recent steps no
+    # longer use (params that got no gradient, say); past it, a step rebuilds what it needs.
+    CONSTANTS = 256
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype, str], Tensor] = {}

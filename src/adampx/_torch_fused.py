@@ -7,26 +7,28 @@ the order of floating-point operations differs from the plain per-tensor code.
 
 Each tested tensor (rows = the channel view ``[n0, N/n0]``) is finished before the next one
 starts, so that what its second pass reads again is still in cache (the test needs all rows
-of a tensor, so a tensor cannot be finished in one pass); and inside a tensor the work runs
-in blocks of whole rows of about :data:`BLOCK_ELEMENTS` elements, so that a block's scratch
-stays in cache between its passes and the scratch is one block, not one tensor.
+of a tensor, so a tensor cannot be finished in one pass). Row dot products run in
+``torch.sparse.sampled_addmm`` (:func:`_row_dots`): one pass over both operands that writes
+nothing param-sized, about twice as fast as a product into scratch and a row sum.
 
-1. Row sums ``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i``, and the scale-invariance test on them with the
-   arithmetic of :func:`adampx.projection.decide` (:class:`_Tester`); its outcome is read as
-   Python values (these are CPU tensors, there is no device to wait for), so that the
-   tensor takes only the work its outcome needs.
+1. Row sums ``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i`` (three passes over ``p`` and ``g``), and the
+   scale-invariance test on them with the arithmetic of :func:`adampx.projection.decide`
+   (:class:`_Tester`); its outcome is read as Python values (these are CPU tensors, there
+   is no device to wait for), so that the tensor takes only the work its outcome needs.
 2. AdamP, not projected: ``keep = 1 − lr·λ`` makes the step AdamW's, ``torch._fused_adamw_``.
-   Projected per row, block by block: ``torch._fused_adamw_`` without weight decay on a
-   zeroed scratch ``w`` as its "param" updates ``m`` and ``v`` and leaves the step
-   ``w = −(lr/bc1)·u`` there; then ``pw_i = p_i·w_i``, ``c_i = pw_i / (‖p_i‖ + eps)²`` and
-   ``p ← p·(keep − c) + w`` in one ``addcmul``, which is ALGORITHM.md's
-   ``p·(1 − lr·λ·r) − (lr/bc1)·(u − c'p)`` rearranged. Projected as a whole (rare): the
-   same with ``w`` as large as the tensor, since ``c`` needs all its rows.
+   Projected per row, in blocks of whole rows of about :data:`BLOCK_ELEMENTS` elements (so
+   that a block's scratch stays in cache between its passes, and the scratch is one block):
+   ``torch._fused_adamw_`` without weight decay on a zeroed scratch ``w`` as its "param"
+   updates ``m`` and ``v`` and leaves the step ``w = −(lr/bc1)·u`` there; then
+   ``pw_i = p_i·w_i``, ``c_i = pw_i / (‖p_i‖ + eps)²`` and ``p ← p·(keep − c) + w`` in one
+   ``addcmul``, which is ALGORITHM.md's ``p·(1 − lr·λ·r) − (lr/bc1)·(u − c'p)`` rearranged.
+   Projected as a whole (rare): the same with ``w`` as large as the tensor, since ``c``
+   needs all its rows.
 3. SGDP, projected: ``p·b`` (``b`` the momentum before the step), then the direction's row
    dots by linearity, without touching it: ``p·b_new = μ·(p·b) + (1−τ)·(p·g)`` and, with
-   nesterov, ``p·d = p·g + μ·(p·b_new)``; the rows rescaled by ``keep + lr·c`` and then
-   ``torch._fused_sgd_`` (``b ← μ·b + (1−τ)·g; p ← p − lr·d``), block by block (per row)
-   or for the whole tensor. Not projected: the rescale by ``keep`` and the same SGD step.
+   nesterov, ``p·d = p·g + μ·(p·b_new)``; the rows (or the whole tensor) rescaled by
+   ``keep + lr·c`` and then ``torch._fused_sgd_`` (``b ← μ·b + (1−τ)·g; p ← p − lr·d``).
+   Not projected: the rescale by ``keep`` and the same SGD step. SGDP keeps no scratch.
 
 Untested tensors (biases, norm gains) take one ``torch._fused_adamw_`` (AdamW) or
 ``torch._fused_sgd_`` call together.
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -86,7 +89,10 @@ def supported(
     dtype = p.dtype
     if dtype not in _DTYPES or p.device.type not in devices or p.numel() == 0:
         return False
-    if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
+    if p.is_contiguous():  # the common case: tensors of one shape, all contiguous
+        if all(t.is_contiguous() and t.dtype == dtype for t in (g, *states)):
+            return True
+    elif not p.is_contiguous(memory_format=torch.channels_last):
         return False
     stride = p.stride()
     for t in (g, *states):
@@ -173,18 +179,45 @@ def _matrix(buffer: Tensor, shape: torch.Size) -> Tensor:
     return buffer.as_strided(shape, (shape[1], 1))
 
 
-def _row_dots(a: Tensor, b: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
-    """``a_i·b_i`` of every row of two matrices, as a ``[rows, 1]`` column (the product is
-    written into the flat scratch ``x``: no torch kernel reduces it without writing it)."""
-    return torch.sum(torch.mul(a, b, out=_matrix(x, a.shape)), 1, keepdim=True, out=out)
+class _Diagonal(NamedTuple):
+    """The sparsity pattern of an ``[n, n]`` diagonal and two outputs of that pattern."""
+
+    pattern: Tensor
+    outputs: tuple[Tensor, Tensor]
 
 
-def _blocked_row_dots(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
-    """:func:`_row_dots` of whole tensors (``[n0, N/n0]`` views), block by block."""
-    dots = a.new_empty(a.shape[0], 1)
-    for a_b, b_b, dots_b in _in_blocks(a, b, dots):
-        _row_dots(a_b, b_b, x, out=dots_b)
-    return dots
+def _diagonal(rows: int, dtype: torch.dtype, workspace: Workspace | None) -> _Diagonal:
+    """:class:`_Diagonal` of ``rows`` rows (kept in the workspace, once per size)."""
+
+    def build() -> _Diagonal:
+        index = torch.arange(rows + 1)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": not the user's
+            warnings.simplefilter("ignore")
+            pattern, *outputs = (
+                torch.sparse_csr_tensor(index, index[:rows], torch.zeros(rows, dtype=dtype),
+                                        (rows, rows), check_invariants=False)
+                for _ in range(3)
+            )  # fmt: skip
+        return _Diagonal(pattern, (outputs[0], outputs[1]))
+
+    if workspace is None:
+        return build()
+    return workspace.constant(("diagonal", rows, dtype), build)
+
+
+def _row_dots(a: Tensor, b: Tensor, workspace: Workspace | None, slot: int = 0) -> Tensor:
+    """``a_i·b_i`` of every row of two ``[rows, length]`` matrices, as a ``[rows]`` vector.
+
+    One pass over ``a`` and ``b`` that writes nothing param-sized: ``torch.sparse.
+    sampled_addmm`` computes the product ``a @ b.T`` at the diagonal only. (A product into
+    scratch and a row sum, as this path did before, takes two passes and a write, and was
+    about twice as slow on large tensors.) The result is a view of a kept output (``slot``
+    0 or 1), valid until the next call with the same slot and row count.
+    """
+    diagonal = _diagonal(a.shape[0], a.dtype, workspace)
+    out = diagonal.outputs[slot]
+    torch.sparse.sampled_addmm(diagonal.pattern, a, b.t(), beta=0.0, out=out)
+    return out.values()
 
 
 class _Outcome(NamedTuple):
@@ -194,7 +227,7 @@ class _Outcome(NamedTuple):
     layer: bool
     keep: float  # the decay factor 1 − a·r
     gp: Tensor  # [rows]: p_i·g_i
-    row_scale: Tensor | None  # channel view: [rows, 1] (‖p_i‖ + eps)²
+    row_scale: Tensor | None  # channel view: [rows] (‖p_i‖ + eps)²
     layer_scale: Tensor | None  # layer view: 0-d (‖p‖ + eps)²
 
     @property
@@ -230,20 +263,20 @@ class _Tester:
         wd_ratio: float,
         decay: float,
         decisions: Decisions | None,
+        workspace: Workspace | None,
     ) -> None:
         self.delta, self.eps, self.decisions = delta, eps, decisions
         self.keep = (1 - decay * wd_ratio, 1 - decay)  # projected, not projected
+        self.workspace = workspace
 
-    def __call__(self, param: Tensor, p: Tensor, g: Tensor, x: Tensor) -> _Outcome:
-        """The row sums of ``p`` and ``g`` (``[n0, N/n0]`` views; ``x`` a flat scratch),
-        block by block, and the test on them."""
+    def __call__(self, param: Tensor, p: Tensor, g: Tensor) -> _Outcome:
+        """The row sums of ``p`` and ``g`` (``[n0, N/n0]`` views), three passes that write
+        nothing param-sized, and the test on them. ``gp`` is a view of :func:`_row_dots`'
+        slot 0."""
         rows, length = p.shape
-        sums = torch.empty(3, rows, dtype=p.dtype)
-        p_norm, g_norm, gp = sums.unbind()
-        for p_b, g_b, p_norm_b, g_norm_b, gp_b in _in_blocks(p, g, p_norm, g_norm, gp):
-            torch.linalg.vector_norm(p_b, dim=1, out=p_norm_b)
-            torch.linalg.vector_norm(g_b, dim=1, out=g_norm_b)
-            torch.sum(torch.mul(p_b, g_b, out=_matrix(x, p_b.shape)), 1, out=gp_b)
+        p_norm = torch.linalg.vector_norm(p, dim=1)
+        g_norm = torch.linalg.vector_norm(g, dim=1)
+        gp = _row_dots(p, g, self.workspace, slot=0)
         delta, eps = self.delta, self.eps
         if self.decisions is not None:
             decision = decide(RowStatistics(gp, g_norm, p_norm, length), delta, eps)
@@ -261,7 +294,7 @@ class _Tester:
             layer=layer,
             keep=self.keep[0] if channel or layer else self.keep[1],
             gp=gp,
-            row_scale=(p_norm + eps).square_().unsqueeze(1) if channel else None,
+            row_scale=(p_norm + eps).square_() if channel else None,
             layer_scale=(_whole_norm(p_norm) + eps).square() if layer else None,
         )
 
@@ -332,16 +365,15 @@ def adamp_(
     if not tested:
         return
     like, size = ps[tested[0]], _block_size(ps, tested)
-    product = scratch(workspace, "product", size, like.dtype, like.device)
     tester = _Tester(
         delta=delta, eps=eps, wd_ratio=wd_ratio, decay=_value(lr) * weight_decay,
-        decisions=decisions,
+        decisions=decisions, workspace=workspace,
     )  # fmt: skip
     for k in tested:  # each tensor finished while it is in cache
         n0 = params[k].shape[0]
         p, g = row_view(ps[k], n0), row_view(gs[k], n0)
         m, v, step = row_view(exp_avgs[k], n0), row_view(exp_avg_sqs[k], n0), state_steps[k]
-        outcome = tester(params[k], p, g, product)
+        outcome = tester(params[k], p, g)
         if not outcome.projected:  # keep = 1 − lr·λ: AdamW
             torch._fused_adamw_(
                 [p], [g], [m], [v], [], [step], lr=lr, weight_decay=weight_decay, **kernel
@@ -350,7 +382,7 @@ def adamp_(
             assert outcome.layer_scale is not None
             w = scratch(workspace, "whole", p.numel(), p.dtype, p.device).view(p.shape)
             _adam_direction(w.zero_(), g, m, v, step, lr, kernel)
-            pw = _blocked_row_dots(p, w, product).sum()
+            pw = _row_dots(p, w, workspace, slot=1).sum()
             torch.addcmul(w, p, outcome.keep - pw / outcome.layer_scale, out=p)
         else:  # c per row: block by block
             assert outcome.row_scale is not None
@@ -358,9 +390,9 @@ def adamp_(
             for p_b, g_b, m_b, v_b, row_scale in _in_blocks(p, g, m, v, outcome.row_scale):
                 w = _matrix(work, p_b.shape).zero_()
                 _adam_direction(w, g_b, m_b, v_b, step, lr, kernel)
-                pw = _row_dots(p_b, w, product)
+                pw = _row_dots(p_b, w, workspace, slot=1)
                 # w − c·p is the projected step: p ← p·(keep − c) + w, c = p·w/(‖p‖ + eps)²
-                torch.addcmul(w, p_b, outcome.keep - pw.div_(row_scale), out=p_b)
+                torch.addcmul(w, p_b, (outcome.keep - pw.div_(row_scale)).unsqueeze(1), out=p_b)
 
 
 def _adam_direction(
@@ -401,21 +433,20 @@ def sgdp_(
     if untested and weight_decay != 0:
         torch._foreach_mul_([ps[k] for k in untested], 1 - decay)
     if tested:
-        like = ps[tested[0]]
-        product = scratch(workspace, "product", _block_size(ps, tested), like.dtype, like.device)
         tester = _Tester(
-            delta=delta, eps=eps, wd_ratio=wd_ratio, decay=decay, decisions=decisions
+            delta=delta, eps=eps, wd_ratio=wd_ratio, decay=decay, decisions=decisions,
+            workspace=workspace,
         )  # fmt: skip
         for k in tested:  # each tensor finished while it is in cache
             n0 = params[k].shape[0]
             p, g = row_view(ps[k], n0), row_view(gs[k], n0)
             b = row_view(momentum_buffers[k], n0)
-            outcome = tester(params[k], p, g, product)
-            if outcome.channel:  # per row, block by block, each block stepped at once
-                _sgdp_channel_(p, g, b, outcome, product, lr_value, kernel)
+            outcome = tester(params[k], p, g)
+            if outcome.channel:
+                _sgdp_channel_(p, g, b, outcome, workspace, lr_value, kernel)
                 continue
             if outcome.layer:
-                p.mul_(_sgdp_layer_scale(p, b, outcome, product, lr_value, kernel))
+                p.mul_(_sgdp_layer_scale(p, b, outcome, workspace, lr_value, kernel))
             elif outcome.keep != 1.0:
                 p.mul_(outcome.keep)
             _sgd_step([p], [g], [b], **kernel)
@@ -448,25 +479,29 @@ def _sgdp_channel_(
     g: Tensor,
     b: Tensor,
     outcome: _Outcome,
-    product: Tensor,
+    workspace: Workspace | None,
     lr: float,
     kernel: dict[str, Any],
 ) -> None:
-    """SGDP's step of a tensor projected per row, block by block (``[n0, N/n0]`` views)."""
+    """SGDP's step of a tensor projected per row (``[n0, N/n0]`` views): the rows rescaled,
+    then torch's fused SGD (whole tensors: cutting them into row blocks was no faster)."""
     assert outcome.row_scale is not None
-    gp = outcome.gp.unsqueeze(1)
-    for p_b, g_b, b_b, gp_b, row_scale in _in_blocks(p, g, b, gp, outcome.row_scale):
-        dots = _direction_dots(_row_dots(p_b, b_b, product), gp_b, kernel)
-        p_b.mul_(dots.div_(row_scale).mul_(lr).add_(outcome.keep))
-        _sgd_step([p_b], [g_b], [b_b], **kernel)
+    dots = _direction_dots(_row_dots(p, b, workspace, slot=1), outcome.gp, kernel)
+    p.mul_(dots.div_(outcome.row_scale).mul_(lr).add_(outcome.keep).unsqueeze(1))
+    _sgd_step([p], [g], [b], **kernel)
 
 
 def _sgdp_layer_scale(
-    p: Tensor, b: Tensor, outcome: _Outcome, product: Tensor, lr: float, kernel: dict[str, Any]
+    p: Tensor,
+    b: Tensor,
+    outcome: _Outcome,
+    workspace: Workspace | None,
+    lr: float,
+    kernel: dict[str, Any],
 ) -> Tensor:
     """``keep + lr·c`` of a tensor projected as a whole (``[n0, N/n0]`` views)."""
     assert outcome.layer_scale is not None
-    dots = _direction_dots(_blocked_row_dots(p, b, product), outcome.gp.unsqueeze(1), kernel)
+    dots = _direction_dots(_row_dots(p, b, workspace, slot=1), outcome.gp, kernel)
     return outcome.keep + lr * (dots.sum() / outcome.layer_scale)
 
 
