@@ -16,10 +16,9 @@ likewise; and the peak extra memory of one step.
 
 Peak extra memory is measured by counting, during one (non-first) step, the bytes of every
 tensor that an operation creates and that is still alive, through a
-``TorchDispatchMode``; the peak of that count, plus the scratch buffers an adampx optimizer
-keeps between steps (its workspace), is
-what the step needs beyond the params, gradients and optimizer state. It counts tensors, not
-allocator blocks.
+``TorchDispatchMode``; the peak of that count, plus what an adampx optimizer keeps between
+steps (its workspace), is what the step needs beyond the params, gradients and optimizer
+state. It counts tensors, not allocator blocks.
 
 Every timed call runs with Python's garbage collector off (collected just before), as
 ``timeit`` does, so that a collection does not land on one candidate.
@@ -257,7 +256,7 @@ def measure_set(name: str, rounds: int, seed: int = 0) -> list[dict[str, Any]]:
     for label, (family, optimizer) in runs.items():
         tangent_grads_(*tangent[label])
         ratios = paired_ratios(times[label], times[FUSED[family]])
-        quartiles = statistics.quantiles(ratios, n=4)
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         rows.append(
             {
                 "set": name,
@@ -329,6 +328,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-end-to-end", action="store_true")
     args = parser.parse_args()
+    if args.rounds < 1 or args.threads < 1:
+        parser.error("--rounds and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     print(
         f"{date.today()}, {platform.processor() or platform.machine()}, "

@@ -153,7 +153,7 @@ BLOCK_ELEMENTS = 1 << 19
 
 
 def _in_blocks(*tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
-    """``tensors`` (matrices and per-row columns, all with the same rows) cut alike into
+    """``tensors`` (matrices and per-row vectors, all with the same rows) cut alike into
     blocks of whole rows of about :data:`BLOCK_ELEMENTS` elements of the first; the
     tensors themselves where that is one block."""
     rows, length = tensors[0].shape
