@@ -442,11 +442,8 @@ def sgdp_(
             p, g = row_view(ps[k], n0), row_view(gs[k], n0)
             b = row_view(momentum_buffers[k], n0)
             outcome = tester(params[k], p, g)
-            if outcome.channel:
-                _sgdp_channel_(p, g, b, outcome, workspace, lr_value, kernel)
-                continue
-            if outcome.layer:
-                p.mul_(_sgdp_layer_scale(p, b, outcome, workspace, lr_value, kernel))
+            if outcome.projected:
+                p.mul_(_sgdp_scale(p, b, outcome, workspace, lr_value, kernel))
             elif outcome.keep != 1.0:
                 p.mul_(outcome.keep)
             _sgd_step([p], [g], [b], **kernel)
@@ -474,24 +471,7 @@ def _direction_dots(pb: Tensor, gp: Tensor, kernel: dict[str, Any]) -> Tensor:
     return torch.add(gp, d, alpha=kernel["momentum"]) if kernel["nesterov"] else d
 
 
-def _sgdp_channel_(
-    p: Tensor,
-    g: Tensor,
-    b: Tensor,
-    outcome: _Outcome,
-    workspace: Workspace | None,
-    lr: float,
-    kernel: dict[str, Any],
-) -> None:
-    """SGDP's step of a tensor projected per row (``[n0, N/n0]`` views): the rows rescaled,
-    then torch's fused SGD (whole tensors: cutting them into row blocks was no faster)."""
-    assert outcome.row_scale is not None
-    dots = _direction_dots(_row_dots(p, b, workspace, slot=1), outcome.gp, kernel)
-    p.mul_(dots.div_(outcome.row_scale).mul_(lr).add_(outcome.keep).unsqueeze(1))
-    _sgd_step([p], [g], [b], **kernel)
-
-
-def _sgdp_layer_scale(
+def _sgdp_scale(
     p: Tensor,
     b: Tensor,
     outcome: _Outcome,
@@ -499,9 +479,14 @@ def _sgdp_layer_scale(
     lr: float,
     kernel: dict[str, Any],
 ) -> Tensor:
-    """``keep + lr·c`` of a tensor projected as a whole (``[n0, N/n0]`` views)."""
-    assert outcome.layer_scale is not None
+    """``keep + lr·c`` of a projected tensor (``[n0, N/n0]`` views): a ``[rows, 1]`` column
+    per row, or one 0-d factor for a tensor projected as a whole. The tensor is then stepped
+    whole (cutting it into row blocks was no faster)."""
     dots = _direction_dots(_row_dots(p, b, workspace, slot=1), outcome.gp, kernel)
+    if outcome.channel:
+        assert outcome.row_scale is not None
+        return dots.div_(outcome.row_scale).mul_(lr).add_(outcome.keep).unsqueeze(1)
+    assert outcome.layer_scale is not None
     return outcome.keep + lr * (dots.sum() / outcome.layer_scale)
 
 
