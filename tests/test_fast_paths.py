@@ -522,6 +522,60 @@ def test_default_path_works_in_row_blocks(
         assert sizes == {}, sizes
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["workspace", "no-workspace"])
+@pytest.mark.parametrize("config", ["adamp", "sgdp-nesterov", "sgdp-damp-max"])
+def test_functional_default_step(config: str, kept: bool, path_spy: PathSpy) -> None:
+    """The functional step, with a workspace or without (its row sums then go to buffers
+    made at every call), takes the default path and matches the plain per-tensor optimizer,
+    for a tensor projected per row, one projected as a whole and one not. The gradients
+    keep a radial part of half the threshold, so that ``p·g`` matters."""
+    cls, hyper = CONFIGS[config]
+    shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3), (16,)]
+    plain = make_opt(cls, "plain", [leaf(_random(s, j)) for j, s in enumerate(shapes)], **hyper)
+    params = [leaf(_random(s, j)) for j, s in enumerate(shapes)]
+    defaults = cls([leaf(torch.zeros(1))], **hyper).defaults
+    if cls is AdamP:
+        state: list[list[Tensor]] = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+        state.append([torch.zeros(()) for _ in params])
+        step: Callable[..., None] = functools.partial(
+            adamp_module.adamp, beta1=defaults["betas"][0], beta2=defaults["betas"][1],
+            nesterov=defaults["nesterov"],
+        )  # fmt: skip
+    else:
+        state = [[torch.zeros_like(p) for p in params]]
+        step = functools.partial(
+            sgdp_module.sgdp, momentum=defaults["momentum"], dampening=defaults["dampening"],
+            nesterov=defaults["nesterov"],
+        )  # fmt: skip
+    workspace = Workspace() if kept else None
+    for k in range(3):
+        for opt_params in (all_params(plain), params):
+            grads = _outcome_grads(opt_params, k)
+            for j, rows in ((0, True), (1, False)):  # half the threshold along p
+                w, g = opt_params[j].detach().flatten(int(rows)), grads[j].flatten(int(rows))
+                norm = functools.partial(torch.linalg.vector_norm, dim=-1, keepdim=True)
+                g += 0.5 * defaults["delta"] / w.shape[-1] ** 0.5 * norm(g) / norm(w) * w
+            for p, g in zip(opt_params, grads, strict=True):
+                p.grad = g
+            outcomes = [
+                decide(row_statistics(p.detach(), p.grad), defaults["delta"], defaults["eps"])
+                for p in opt_params[:3]
+            ]  # fmt: skip
+            fired = [(bool(d.channel), bool(d.layer)) for d in outcomes]
+            assert fired == [(True, False), (False, True), (False, False)], fired
+        plain.step()
+        with torch.no_grad():
+            step(
+                params, [p.grad for p in params], *state, lr=defaults["lr"], eps=defaults["eps"],
+                weight_decay=defaults["weight_decay"], delta=defaults["delta"],
+                wd_ratio=defaults["wd_ratio"], maximize=defaults["maximize"], projection=True,
+                workspace=workspace,
+            )  # fmt: skip
+    path_spy.assert_only(params, "torch_fused")
+    for a, b in zip(all_params(plain), params, strict=True):
+        torch.testing.assert_close(a, b, **F64)
+
+
 @pytest.mark.parametrize(
     "row_limit", [fused_kernel.ROW_LIMIT, 8], ids=["rows-in-cache", "long-rows"]
 )
@@ -563,18 +617,24 @@ def test_fused_kernel_takes_each_outcome(
     assert sizes == ({"row": 2 * min(row_limit, 900)} if cls is AdamP else {}), sizes
 
 
+def _default_path_statistics(p: Tensor, g: Tensor) -> RowStatistics:
+    """The row statistics of ``[rows, length]`` matrices as the default path computes
+    them (its row dot products may differ from ``decide``'s in the last bit)."""
+    return RowStatistics(
+        gp=torch_fused._row_dots(p, g, None).clone(),
+        g_norm=torch.linalg.vector_norm(g, dim=1),
+        p_norm=torch.linalg.vector_norm(p, dim=1),
+        row_length=p.shape[1],
+    )
+
+
 def test_default_path_test_compares_in_the_tensor_dtype() -> None:
     """A float32 cosine that equals the threshold rounded to float32 fails the test (``cos <
     threshold`` is false in float32), in the default path's test as in ``decide``, though
     the threshold in double is a little above it. The cosine is the one the default path
     computes (its row dot products may differ from ``decide``'s in the last bit)."""
     p, g = _random((1, 50), 0, torch.float32), _random((1, 50), 1, torch.float32)
-    stats = RowStatistics(
-        gp=torch_fused._row_dots(p, g, None).clone(),
-        g_norm=torch.linalg.vector_norm(g, dim=1),
-        p_norm=torch.linalg.vector_norm(p, dim=1),
-        row_length=50,
-    )
+    stats = _default_path_statistics(p, g)
     cos = decide(stats, 1.0, 1e-8).max_cosine_channel
     spacing = (torch.nextafter(cos, torch.tensor(math.inf)) - cos).item()
     threshold = cos.item() + spacing / 4  # rounds to cos in float32
@@ -592,6 +652,30 @@ def test_default_path_test_compares_in_the_tensor_dtype() -> None:
     assert bool(decide(stats, above, 1e-8).channel)
     tester.delta = above
     assert tester(p, p, g).channel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [2, 7, 300])
+def test_default_path_layer_view_is_decides(rows: int, dtype: torch.dtype) -> None:
+    """The default path's layer view (its whole-tensor norms from the row norms in one
+    call) has ``decide``'s roundings: with the threshold at ``decide``'s layer cosine
+    rounded to the dtype, both fail; a spacing above it, both pass. The channel view fails
+    here (one row's gradient is almost along its weights)."""
+    p, g = _random((rows, 40), 2, dtype), _random((rows, 40), 3, dtype)
+    g[0] = p[0] + 1e-3 * g[0]
+    tester = torch_fused._Tester(
+        delta=1.0, eps=1e-8, wd_ratio=0.1, decay=0.0, decisions=None, workspace=Workspace()
+    )
+    stats = _default_path_statistics(p, g)
+    cos = decide(stats, 1.0, 1e-8).cosine_layer
+    spacing = (torch.nextafter(cos, torch.tensor(math.inf, dtype=dtype)) - cos).item()
+    size = math.sqrt(40 * rows)
+    for above, expected in ((spacing / 4, False), (spacing, True)):
+        tester.delta = (cos.item() + above) * size
+        reference = decide(stats, tester.delta, 1e-8)
+        assert not bool(reference.channel) and bool(reference.layer) is expected
+        outcome = tester(p, p, g)
+        assert (outcome.channel, outcome.layer) == (False, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

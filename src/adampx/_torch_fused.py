@@ -64,13 +64,7 @@ from adampx._tensors import (
     scratch,
     write_back_,
 )
-from adampx.projection import (
-    RowStatistics,
-    _abs_cosine,
-    _whole_norm,
-    decide,
-    is_projectable,
-)
+from adampx.projection import RowStatistics, _whole_norm, decide, is_projectable
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -87,10 +81,15 @@ def supported(
     if type(param) not in (Tensor, torch.nn.Parameter) or type(g) is not Tensor:
         return False
     dtype = p.dtype
-    if dtype not in _DTYPES or p.device.type not in devices or p.numel() == 0:
+    if dtype not in _DTYPES or p.numel() == 0:
+        return False
+    if not ("cpu" in devices if p.is_cpu else p.device.type in devices):
         return False
     if p.is_contiguous():  # the common case: tensors of one shape, all contiguous
-        if all(t.is_contiguous() and t.dtype == dtype for t in (g, *states)):
+        for t in (g, *states):
+            if not t.is_contiguous() or t.dtype != dtype:
+                break
+        else:
             return True
     elif not p.is_contiguous(memory_format=torch.channels_last):
         return False
@@ -133,8 +132,8 @@ def kernel_step(
     devices = tuple(impls)
     fast = [
         k
-        for k in range(len(params))
-        if supported(params[k], ps[k], gs[k], *(state[k] for state in ss), devices=devices)
+        for k, (param, p, g, *state) in enumerate(zip(params, ps, gs, *ss, strict=True))
+        if supported(param, p, g, *state, devices=devices)
         and (step_ok is None or steps is None or step_ok(steps[k]))
     ]
     extra = [] if steps is None else [steps]
@@ -180,10 +179,20 @@ def _matrix(buffer: Tensor, shape: torch.Size) -> Tensor:
 
 
 class _Diagonal(NamedTuple):
-    """The sparsity pattern of an ``[n, n]`` diagonal and two outputs of that pattern."""
+    """Where the row sums of an ``[n, ·]`` matrix go, kept per row count ``n``: the sparsity
+    pattern of an ``[n, n]`` diagonal and two outputs of that pattern (:func:`_row_dots`),
+    the two row norms of the test, and a column for ``(‖p_i‖ + eps)²``. Views of them are
+    kept too, so that a step makes none."""
 
     pattern: Tensor
     outputs: tuple[Tensor, Tensor]
+    dots: tuple[Tensor, Tensor]  # [n]: the outputs' values
+    columns: tuple[Tensor, Tensor]  # [n, 1] views of ``dots``
+    norms: Tensor  # [2, n]: ‖p_i‖, ‖g_i‖
+    p_norm: Tensor  # [n] view of norms[0]
+    g_norm: Tensor  # [n] view of norms[1]
+    scale: Tensor  # [n]
+    scale_column: Tensor  # [n, 1] view of ``scale``
 
 
 def _diagonal(rows: int, dtype: torch.dtype, workspace: Workspace | None) -> _Diagonal:
@@ -191,22 +200,44 @@ def _diagonal(rows: int, dtype: torch.dtype, workspace: Workspace | None) -> _Di
 
     def build() -> _Diagonal:
         index = torch.arange(rows + 1)
+        values = torch.zeros(3, rows, dtype=dtype)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": not the user's
             warnings.simplefilter("ignore")
             pattern, *outputs = (
-                torch.sparse_csr_tensor(index, index[:rows], torch.zeros(rows, dtype=dtype),
-                                        (rows, rows), check_invariants=False)
-                for _ in range(3)
+                torch.sparse_csr_tensor(index, index[:rows], v, (rows, rows),
+                                        check_invariants=False)
+                for v in values
             )  # fmt: skip
-        return _Diagonal(pattern, (outputs[0], outputs[1]))
+        norms, scale = torch.empty(2, rows, dtype=dtype), torch.empty(rows, dtype=dtype)
+        return _Diagonal(
+            pattern=pattern,
+            outputs=(outputs[0], outputs[1]),
+            dots=(values[1], values[2]),
+            columns=(values[1].unsqueeze(1), values[2].unsqueeze(1)),
+            norms=norms,
+            p_norm=norms[0],
+            g_norm=norms[1],
+            scale=scale,
+            scale_column=scale.unsqueeze(1),
+        )
 
     if workspace is None:
         return build()
     return workspace.constant(("diagonal", rows, dtype), build)
 
 
-def _row_dots(a: Tensor, b: Tensor, workspace: Workspace | None, slot: int = 0) -> Tensor:
-    """``a_i·b_i`` of every row of two ``[rows, length]`` matrices, as a ``[rows]`` vector.
+def _row_dots(
+    a: Tensor,
+    b: Tensor,
+    workspace: Workspace | None,
+    slot: int = 0,
+    *,
+    column: bool = False,
+    kept: _Diagonal | None = None,
+) -> Tensor:
+    """``a_i·b_i`` of every row of two ``[rows, length]`` matrices, as a ``[rows]`` vector
+    (or a ``[rows, 1]`` column), written into ``kept`` (by default the workspace's
+    :class:`_Diagonal` of this row count).
 
     One pass over ``a`` and ``b`` that writes nothing param-sized: ``torch.sparse.
     sampled_addmm`` computes the product ``a @ b.T`` at the diagonal only. (A product into
@@ -214,10 +245,9 @@ def _row_dots(a: Tensor, b: Tensor, workspace: Workspace | None, slot: int = 0) 
     about twice as slow on large tensors.) The result is a view of a kept output (``slot``
     0 or 1), valid until the next call with the same slot and row count.
     """
-    diagonal = _diagonal(a.shape[0], a.dtype, workspace)
-    out = diagonal.outputs[slot]
-    torch.sparse.sampled_addmm(diagonal.pattern, a, b.t(), beta=0.0, out=out)
-    return out.values()
+    diagonal = _diagonal(a.shape[0], a.dtype, workspace) if kept is None else kept
+    torch.sparse.sampled_addmm(diagonal.pattern, a, b.t(), beta=0.0, out=diagonal.outputs[slot])
+    return diagonal.columns[slot] if column else diagonal.dots[slot]
 
 
 class _Outcome(NamedTuple):
@@ -226,8 +256,8 @@ class _Outcome(NamedTuple):
     channel: bool
     layer: bool
     keep: float  # the decay factor 1 − a·r
-    gp: Tensor  # [rows]: p_i·g_i
-    row_scale: Tensor | None  # channel view: [rows] (‖p_i‖ + eps)²
+    gp: Tensor  # [rows, 1]: p_i·g_i
+    row_scale: Tensor | None  # channel view: [rows, 1] (‖p_i‖ + eps)²
     layer_scale: Tensor | None  # layer view: 0-d (‖p‖ + eps)²
 
     @property
@@ -268,34 +298,48 @@ class _Tester:
         self.delta, self.eps, self.decisions = delta, eps, decisions
         self.keep = (1 - decay * wd_ratio, 1 - decay)  # projected, not projected
         self.workspace = workspace
+        self._projected_keep: Tensor | None = None
+
+    def projected_keep(self, dtype: torch.dtype) -> Tensor:
+        """The decay factor of a projected tensor as a 0-d tensor (made once)."""
+        if self._projected_keep is None:
+            self._projected_keep = torch.tensor(self.keep[0], dtype=dtype)
+        return self._projected_keep
 
     def __call__(self, param: Tensor, p: Tensor, g: Tensor) -> _Outcome:
         """The row sums of ``p`` and ``g`` (``[n0, N/n0]`` views), three passes that write
-        nothing param-sized, and the test on them. ``gp`` is a view of :func:`_row_dots`'
-        slot 0."""
+        nothing param-sized, and the test on them. The tensors of the outcome are views of
+        the kept :class:`_Diagonal` of this row count, valid until its next test."""
         rows, length = p.shape
-        p_norm = torch.linalg.vector_norm(p, dim=1)
-        g_norm = torch.linalg.vector_norm(g, dim=1)
-        gp = _row_dots(p, g, self.workspace, slot=0)
+        kept = _diagonal(rows, p.dtype, self.workspace)
+        torch.linalg.vector_norm(p, dim=1, out=kept.p_norm)
+        torch.linalg.vector_norm(g, dim=1, out=kept.g_norm)
+        gp = _row_dots(p, g, self.workspace, slot=0, kept=kept)
         delta, eps = self.delta, self.eps
         if self.decisions is not None:
-            decision = decide(RowStatistics(gp, g_norm, p_norm, length), delta, eps)
+            decision = decide(RowStatistics(gp, kept.g_norm, kept.p_norm, length), delta, eps)
             self.decisions[param] = decision
             channel, layer = bool(decision.channel), bool(decision.layer)
         else:
-            threshold = _rounded(delta / math.sqrt(length), p.dtype)
-            channel = _abs_cosine(gp, g_norm, p_norm, eps).amax().item() < threshold
+            # decide's |p_i·g_i| / (max(‖g_i‖, eps)·max(‖p_i‖, eps)), its roundings included
+            # (the product of the two clamped norms is one multiplication), in fewer calls
+            cosines = gp.abs().div_(kept.norms.clamp_min(eps).prod(0))
+            channel = cosines.amax().item() < _rounded(delta / math.sqrt(length), p.dtype)
             layer = not channel and (
-                _abs_cosine(gp.sum(), _whole_norm(g_norm), _whole_norm(p_norm), eps).item()
+                gp.sum().abs_().div_(
+                    torch.linalg.vector_norm(kept.norms, dim=1).clamp_min_(eps).prod()
+                ).item()
                 < _rounded(delta / math.sqrt(length * rows), p.dtype)
-            )
+            )  # fmt: skip
+        if channel:
+            torch.add(kept.p_norm, eps, out=kept.scale).square_()
         return _Outcome(
             channel=channel,
             layer=layer,
             keep=self.keep[0] if channel or layer else self.keep[1],
-            gp=gp,
-            row_scale=(p_norm + eps).square_() if channel else None,
-            layer_scale=(_whole_norm(p_norm) + eps).square() if layer else None,
+            gp=kept.columns[0],
+            row_scale=kept.scale_column if channel else None,
+            layer_scale=(_whole_norm(kept.p_norm) + eps).square() if layer else None,
         )
 
 
@@ -390,9 +434,10 @@ def adamp_(
             for p_b, g_b, m_b, v_b, row_scale in _in_blocks(p, g, m, v, outcome.row_scale):
                 w = _matrix(work, p_b.shape).zero_()
                 _adam_direction(w, g_b, m_b, v_b, step, lr, kernel)
-                pw = _row_dots(p_b, w, workspace, slot=1)
+                pw = _row_dots(p_b, w, workspace, slot=1, column=True)
                 # w − c·p is the projected step: p ← p·(keep − c) + w, c = p·w/(‖p‖ + eps)²
-                torch.addcmul(w, p_b, (outcome.keep - pw.div_(row_scale)).unsqueeze(1), out=p_b)
+                factor = torch.addcdiv(tester.projected_keep(p.dtype), pw, row_scale, value=-1)
+                torch.addcmul(w, p_b, factor, out=p_b)
 
 
 def _adam_direction(
@@ -443,7 +488,7 @@ def sgdp_(
             b = row_view(momentum_buffers[k], n0)
             outcome = tester(params[k], p, g)
             if outcome.projected:
-                p.mul_(_sgdp_scale(p, b, outcome, workspace, lr_value, kernel))
+                p.mul_(_sgdp_scale(p, b, outcome, tester, lr_value, kernel))
             elif outcome.keep != 1.0:
                 p.mul_(outcome.keep)
             _sgd_step([p], [g], [b], **kernel)
@@ -475,17 +520,18 @@ def _sgdp_scale(
     p: Tensor,
     b: Tensor,
     outcome: _Outcome,
-    workspace: Workspace | None,
+    tester: _Tester,
     lr: float,
     kernel: dict[str, Any],
 ) -> Tensor:
     """``keep + lr·c`` of a projected tensor (``[n0, N/n0]`` views): a ``[rows, 1]`` column
     per row, or one 0-d factor for a tensor projected as a whole. The tensor is then stepped
     whole (cutting it into row blocks was no faster)."""
-    dots = _direction_dots(_row_dots(p, b, workspace, slot=1), outcome.gp, kernel)
+    pb = _row_dots(p, b, tester.workspace, slot=1, column=True)
+    dots = _direction_dots(pb, outcome.gp, kernel)
     if outcome.channel:
         assert outcome.row_scale is not None
-        return dots.div_(outcome.row_scale).mul_(lr).add_(outcome.keep).unsqueeze(1)
+        return torch.addcdiv(tester.projected_keep(p.dtype), dots, outcome.row_scale, value=lr)
     assert outcome.layer_scale is not None
     return outcome.keep + lr * (dots.sum() / outcome.layer_scale)
 
