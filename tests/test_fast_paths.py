@@ -522,15 +522,25 @@ def test_default_path_works_in_row_blocks(
         assert sizes == {}, sizes
 
 
+@pytest.mark.parametrize("blocks", [None, 720], ids=["whole", "blocks"])
 @pytest.mark.parametrize("kept", [True, False], ids=["workspace", "no-workspace"])
 @pytest.mark.parametrize("config", ["adamp", "sgdp-nesterov", "sgdp-damp-max"])
-def test_functional_default_step(config: str, kept: bool, path_spy: PathSpy) -> None:
+def test_functional_default_step(
+    config: str, kept: bool, blocks: int | None, monkeypatch: pytest.MonkeyPatch,
+    path_spy: PathSpy,
+) -> None:  # fmt: skip
     """The functional step, with a workspace or without (its row sums then go to buffers
     made at every call), takes the default path and matches the plain per-tensor optimizer,
-    for a tensor projected per row, one projected as a whole and one not. The gradients
-    keep a radial part of half the threshold, so that ``p·g`` matters."""
+    for tensors projected per row, one projected as a whole and one not. The gradients
+    keep a radial part of half the threshold, so that ``p·g`` matters. Two projected
+    tensors share a row count (and so the kept buffers of their row sums), and with
+    ``blocks`` AdamP's first tensor is cut into blocks of 16 and 8 rows, 16 being the row
+    count of another tensor."""
+    if blocks is not None:
+        monkeypatch.setattr(torch_fused, "BLOCK_ELEMENTS", blocks)
     cls, hyper = CONFIGS[config]
-    shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3), (16,)]
+    # per row, as a whole, not projected, untested, per row with the first one's row count
+    shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3), (16,), (24, 30)]
     plain = make_opt(cls, "plain", [leaf(_random(s, j)) for j, s in enumerate(shapes)], **hyper)
     params = [leaf(_random(s, j)) for j, s in enumerate(shapes)]
     defaults = cls([leaf(torch.zeros(1))], **hyper).defaults
@@ -548,21 +558,24 @@ def test_functional_default_step(config: str, kept: bool, path_spy: PathSpy) -> 
             nesterov=defaults["nesterov"],
         )  # fmt: skip
     workspace = Workspace() if kept else None
+    norm = functools.partial(torch.linalg.vector_norm, dim=-1, keepdim=True)
     for k in range(3):
         for opt_params in (all_params(plain), params):
             grads = _outcome_grads(opt_params, k)
-            for j, rows in ((0, True), (1, False)):  # half the threshold along p
+            for j, rows in ((0, True), (1, False), (4, True)):  # half the threshold along p
                 w, g = opt_params[j].detach().flatten(int(rows)), grads[j].flatten(int(rows))
-                norm = functools.partial(torch.linalg.vector_norm, dim=-1, keepdim=True)
+                if j == 4:  # orthogonal per row first
+                    g -= (w * g).sum(-1, keepdim=True) / (w * w).sum(-1, keepdim=True) * w
                 g += 0.5 * defaults["delta"] / w.shape[-1] ** 0.5 * norm(g) / norm(w) * w
             for p, g in zip(opt_params, grads, strict=True):
                 p.grad = g
             outcomes = [
                 decide(row_statistics(p.detach(), p.grad), defaults["delta"], defaults["eps"])
-                for p in opt_params[:3]
+                for p in opt_params
+                if p.dim() > 1
             ]  # fmt: skip
             fired = [(bool(d.channel), bool(d.layer)) for d in outcomes]
-            assert fired == [(True, False), (False, True), (False, False)], fired
+            assert fired == [(True, False), (False, True), (False, False), (True, False)], fired
         plain.step()
         with torch.no_grad():
             step(
@@ -704,6 +717,18 @@ def test_row_dots_are_the_row_sums_of_the_product(
     if shape[0] > 1:
         assert not special[-1].isfinite()
         torch.testing.assert_close(special[1:-1], truth[1:-1], **tol)
+
+
+def test_row_dots_need_their_outputs_written_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row dots are read from the buffers their CSR outputs were built on: a torch
+    whose CSR tensors copied their values would leave them at zero (every tensor would look
+    scale invariant), so building them says so instead."""
+    real_csr = torch.sparse_csr_tensor
+    monkeypatch.setattr(
+        torch, "sparse_csr_tensor", lambda c, i, v, *a, **k: real_csr(c, i, v.clone(), *a, **k)
+    )
+    with pytest.raises(RuntimeError, match="write into the values it was given"):
+        torch_fused._diagonal(5, torch.float32, None)
 
 
 @pytest.mark.parametrize("cls", [AdamP, SGDP])

@@ -208,6 +208,17 @@ def _diagonal(rows: int, dtype: torch.dtype, workspace: Workspace | None) -> _Di
                                         check_invariants=False)
                 for v in values
             )  # fmt: skip
+        # the dots are read from ``values``: the outputs must hold them, not copies, and
+        # sampled_addmm must write there (true of torch 2.13; checked once per row count)
+        zeros = torch.zeros(rows, 1, dtype=dtype)
+        for output, v in zip(outputs, values[1:], strict=True):
+            torch.sparse.sampled_addmm(pattern, zeros, zeros.t(), beta=0.0, out=output)
+            if output.values().data_ptr() != v.data_ptr():
+                raise RuntimeError(
+                    "adampx's default CPU step needs torch.sparse.sampled_addmm(out=...) to "
+                    f"write into the values it was given, which torch {torch.__version__} "
+                    "does not; use fused=True"
+                )
         norms, scale = torch.empty(2, rows, dtype=dtype), torch.empty(rows, dtype=dtype)
         return _Diagonal(
             pattern=pattern,
@@ -301,8 +312,8 @@ class _Tester:
         self._projected_keep: Tensor | None = None
 
     def projected_keep(self, dtype: torch.dtype) -> Tensor:
-        """The decay factor of a projected tensor as a 0-d tensor (made once)."""
-        if self._projected_keep is None:
+        """The decay factor of a projected tensor as a 0-d tensor of ``dtype`` (made once)."""
+        if self._projected_keep is None or self._projected_keep.dtype != dtype:
             self._projected_keep = torch.tensor(self.keep[0], dtype=dtype)
         return self._projected_keep
 
