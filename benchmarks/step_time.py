@@ -3,8 +3,9 @@
     python benchmarks/step_time.py                 # all shape sets, 2 threads
     python benchmarks/step_time.py --sets resnet50 --rounds 15
 
-For each shape set (the parameter shapes of ResNet-50, of ViT-B/16, and an LLM-like set of
-large matrices; generated here, no torchvision), every candidate optimizer steps the same
+For each shape set (the parameter shapes of ResNet-50, of ViT-B/16, an LLM-like set of
+large matrices, and the demo's small ResNet, whose tensors are all small; generated here,
+no torchvision), every candidate optimizer steps the same
 parameters with the same random gradients. The candidates are *interleaved*: each round
 times one step of every candidate in turn (each round starting at the next candidate), so
 that the machine's noise hits all of them alike. The table shows the median step time over
@@ -82,10 +83,21 @@ def llm_shapes() -> Shapes:
     return [(8192, d)] + [(4 * d, d), (d, 4 * d), (3 * d, d), (d, d)] * 4 + [(d,)] * 8
 
 
+def small_resnet_shapes() -> Shapes:
+    """Parameter shapes of the demo's small ResNet on 8×8 digits (78k parameters in 29
+    tensors): a model whose tensors are all small, so that per-tensor costs, not memory,
+    set the step time."""
+    from adampx.experiments.models import build_model
+
+    model = build_model("small_resnet", num_classes=10, in_channels=1, image_size=8)
+    return [tuple(p.shape) for p in model.parameters()]
+
+
 SHAPE_SETS: dict[str, Callable[[], Shapes]] = {
     "resnet50": resnet50_shapes,
     "vit_b16": vit_b16_shapes,
     "llm": llm_shapes,
+    "small_resnet": small_resnet_shapes,
 }
 
 # Which weights of a set are scale invariant, as in the real network: ResNet-50's conv
@@ -95,6 +107,7 @@ SHAPE_SETS: dict[str, Callable[[], Shapes]] = {
 # rarely projected, as in real training.
 SCALE_INVARIANT: dict[str, Callable[[tuple[int, ...]], bool]] = {
     "resnet50": lambda shape: len(shape) == 4,
+    "small_resnet": lambda shape: len(shape) == 4,
     "vit_b16": lambda shape: False,
     "llm": lambda shape: False,
 }

@@ -22,13 +22,30 @@ def force_eager_math(monkeypatch) -> None:
     monkeypatch.setattr(adampx._torch_fused, "supported", lambda *args, **kwargs: False)
 
 
+def force_per_tensor(monkeypatch) -> None:
+    """Make the CPU default path step every tested tensor on its own, as it steps large ones
+    (by default tensors as small as the tests' take ``adampx._small_tensors``)."""
+    import adampx._small_tensors
+
+    monkeypatch.setattr(adampx._small_tensors, "SMALL_ELEMENTS", 0)
+
+
 def force_small_blocks(monkeypatch, block_elements: int = 24) -> None:
-    """Make the CPU default path cut its tensors into row blocks of about
-    ``block_elements`` elements (one row where a row is longer), as it cuts large ones
-    (AdamP's projected tensors; SGDP's are stepped whole)."""
+    """Make the CPU default path step every tested tensor on its own and cut it into row
+    blocks of about ``block_elements`` elements (one row where a row is longer), as it
+    steps and cuts large ones (AdamP's projected tensors; SGDP's are stepped whole)."""
     import adampx._torch_fused
 
+    force_per_tensor(monkeypatch)
     monkeypatch.setattr(adampx._torch_fused, "BLOCK_ELEMENTS", block_elements)
+
+
+def force_small_chunks(monkeypatch, chunk_elements: int = 100) -> None:
+    """Make the CPU default path's small tested tensors (``adampx._small_tensors``) come in
+    chunks of about ``chunk_elements`` elements, so that a model spans several."""
+    import adampx._small_tensors
+
+    monkeypatch.setattr(adampx._small_tensors, "CHUNK_ELEMENTS", chunk_elements)
 
 
 def force_flat_step(monkeypatch, bucket_elements: int = 100) -> None:

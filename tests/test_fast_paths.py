@@ -38,12 +38,16 @@ from torch import Tensor, nn
 import test_checkpoint as ckpt
 import test_statistics as stats_model
 from adampx import SGDP, AdamP
+from adampx import _small_tensors as small_tensors
 from adampx import _torch_fused as torch_fused
 from adampx import fused as fused_kernel
 from adampx._tensors import Workspace
 from adampx.projection import RowStatistics, decide, row_statistics
+from conftest import force_per_tensor, force_small_chunks
 from norm_mlp import make_model as make_norm_mlp
 from test_dtypes_shapes import leaf, make_grad
+from test_flat_step import OPTIMIZERS as OPTIMIZERS_FLAT
+from test_flat_step import Ops, model_params
 from test_parity_reference import MODELS, check_fired, check_parity, spy
 
 F64 = dict(rtol=1e-10, atol=1e-12)
@@ -53,6 +57,18 @@ ADAMP_STATE = ("step", "exp_avg", "exp_avg_sq")
 
 adamp_module = importlib.import_module("adampx.adamp")
 sgdp_module = importlib.import_module("adampx.sgdp")
+
+
+@pytest.fixture(autouse=True, params=["small", "per-tensor"])
+def default_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: the default path's tested tensors (all small here) stepped together
+    in chunks of a few tensors (``adampx._small_tensors``, what small tensors get), and each
+    on its own (``adampx._torch_fused``, what large ones get)."""
+    if request.param == "per-tensor":
+        force_per_tensor(monkeypatch)
+    else:
+        force_small_chunks(monkeypatch, chunk_elements=2500)
+    return str(request.param)
 
 
 # ------------------------------------------------------------------------ path helpers
@@ -486,11 +502,91 @@ def _outcome_grads(params: list[Tensor], k: int) -> list[Tensor]:
 
 
 @pytest.mark.parametrize("config", ["adamp", "sgdp-nesterov", "sgdp-damp-max"])
+def test_small_and_large_tensors_in_one_step(
+    config: str, monkeypatch: pytest.MonkeyPatch, path_spy: PathSpy
+) -> None:
+    """Small tested tensors go to ``adampx._small_tensors`` in chunks of consecutive tensors,
+    larger ones to the per-tensor step, in the same step; each of the three outcomes of the
+    test (the small tensors: per row and not projected; the large one: as a whole) and the
+    untested bias match the plain path; the decisions recorded are the plain path's."""
+    monkeypatch.setattr(small_tensors, "SMALL_ELEMENTS", 1100)
+    monkeypatch.setattr(small_tensors, "CHUNK_ELEMENTS", 1500)
+    # 1080, 1200, 1008 and 216 elements, and a bias
+    shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3), (4, 6, 3, 3), (16,)]
+    chunks: list[list[tuple[int, ...]]] = []
+    large: list[tuple[int, ...]] = []
+    for name in ("adamp_step_", "sgdp_rescale_"):
+        real = getattr(small_tensors, name)
+
+        def spy_chunk(chunk: list[int], params: list[Tensor], *args: Any, _real: Any = real,
+                      **kwargs: Any) -> None:  # fmt: skip
+            chunks.append([tuple(params[k].shape) for k in chunk])
+            _real(chunk, params, *args, **kwargs)
+
+        monkeypatch.setattr(small_tensors, name, spy_chunk)
+    real_test = torch_fused._Tester.__call__
+
+    def spy_large(self: Any, param: Tensor, p: Tensor, g: Tensor) -> Any:
+        large.append(tuple(param.shape))
+        return real_test(self, param, p, g)
+
+    monkeypatch.setattr(torch_fused._Tester, "__call__", spy_large)
+    cls, hyper = CONFIGS[config]
+
+    def fresh() -> list[Tensor]:
+        return [leaf(_random(s, j)) for j, s in enumerate(shapes)]
+
+    opts = {
+        path: make_opt(cls, path, fresh(), track_statistics=True, **hyper)
+        for path in ("plain", "default")
+    }
+    for k in range(4):
+        for opt in opts.values():
+            params = all_params(opt)
+            for p, g in zip(params[:3], _outcome_grads(params[:3], k), strict=True):
+                p.grad = g
+            for j in (3, 4):
+                params[j].grad = _random(shapes[j], 100 + 10 * k + j)
+            opt.step()
+        plain, default = ([s.view for s in opt.statistics()] for opt in opts.values())
+        assert plain == default and default[:4] == ["channel", "layer", "none", "none"], default
+    assert chunks == [[shapes[0]], [shapes[2], shapes[3]]] * 4, chunks
+    assert large == [shapes[1]] * 4, large
+    path_spy.assert_only(all_params(opts["default"]), "torch_fused")
+    assert_same_state(opts["plain"], opts["default"], **F64)
+
+
+@pytest.mark.parametrize("name", ["adamp", "sgdp"])
+def test_small_tensors_cost_a_few_operations_each(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The point of ``adampx._small_tensors``: a small tested tensor costs the step its
+    row sums (six operations: two norms and two dot products of two operations each) and
+    no more, where the per-tensor step makes more than fifteen."""
+    monkeypatch.setattr(small_tensors, "CHUNK_ELEMENTS", 1 << 20)
+
+    def per_tensor_cost(small: int) -> float:
+        monkeypatch.setattr(small_tensors, "SMALL_ELEMENTS", small)
+        counts = []
+        for count in (10, 40):
+            opt = OPTIMIZERS_FLAT[name](model_params(count))
+            opt.step()
+            with Ops() as ops:
+                opt.step()
+            counts.append(ops.kernels())
+        return (counts[1] - counts[0]) / 30
+
+    assert per_tensor_cost(1 << 16) == 6
+    assert per_tensor_cost(0) > 15
+
+
+@pytest.mark.parametrize("config", ["adamp", "sgdp-nesterov", "sgdp-damp-max"])
 def test_default_path_works_in_row_blocks(
     config: str, monkeypatch: pytest.MonkeyPatch, path_spy: PathSpy
 ) -> None:
     """Tensors larger than a row block, one per outcome of the test, match the plain path;
     AdamP's scratch is one block, but for the tensor projected as a whole, SGDP's none."""
+    force_per_tensor(monkeypatch)
     monkeypatch.setattr(torch_fused, "BLOCK_ELEMENTS", 300)
     shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3)]  # 1080, 1200 and 1008 elements
     cls, hyper = CONFIGS[config]

@@ -175,9 +175,11 @@ FOREACH = pytest.mark.parametrize("foreach", [False, True], ids=["single", "fore
 @pytest.fixture(autouse=True, params=["kernels", "blocks", "flat", "eager"])
 def cpu_kernels(request, monkeypatch) -> None:
     """Every test four times: with the CPU fused kernels where tensors qualify (what a CPU
-    user gets), the same with the default path's row blocks made tiny (what large tensors
-    get), with the flat multi-tensor step instead (what CUDA tensors get), and with the
-    eager math forced (what other devices, tensor subclasses and torch.compile get)."""
+    user gets; the tests' tensors are small, so they are stepped together, as
+    ``adampx._small_tensors`` steps small ones), the same tensor by tensor with the default
+    path's row blocks made tiny (what large tensors get), with the flat multi-tensor step
+    instead (what CUDA tensors get), and with the eager math forced (what other devices,
+    tensor subclasses and torch.compile get)."""
     if request.param == "eager":
         force_eager_math(monkeypatch)
     elif request.param == "flat":

@@ -31,7 +31,10 @@ nothing param-sized, about twice as fast as a product into scratch and a row sum
    Not projected: the rescale by ``keep`` and the same SGD step. SGDP keeps no scratch.
 
 Untested tensors (biases, norm gains) take one ``torch._fused_adamw_`` (AdamW) or
-``torch._fused_sgd_`` call together.
+``torch._fused_sgd_`` call together. Tested tensors of up to
+``adampx._small_tensors.SMALL_ELEMENTS`` elements, whose cost is the 20 to 30 operations
+above rather than their bytes, are tested and stepped together in chunks instead
+(:mod:`adampx._small_tensors`); the steps here take the larger ones.
 
 The functions take the compute views of ``adampx._tensors`` (float32 copies of half params,
 real views of complex ones) beside the params as the user holds them, which decide whether a
@@ -53,6 +56,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from adampx import _small_tensors as small_tensors
 from adampx._shared_step import Decisions
 from adampx._tensors import (
     Workspace,
@@ -417,14 +421,21 @@ def adamp_(
         params, ps, gs, exp_avgs, exp_avg_sqs, state_steps,
         projection=projection, lr=lr, weight_decay=weight_decay, **kernel,
     )  # fmt: skip
-    if not tested:
+    chunks, large = small_tensors.split_small(ps, tested)
+    for chunk in chunks:
+        small_tensors.adamp_step_(
+            chunk, params, ps, gs, exp_avgs, exp_avg_sqs, state_steps,
+            lr=lr, decay=_value(lr) * weight_decay, kernel=kernel, eps=eps, delta=delta,
+            wd_ratio=wd_ratio, decisions=decisions, workspace=workspace,
+        )  # fmt: skip
+    if not large:
         return
-    like, size = ps[tested[0]], _block_size(ps, tested)
+    like, size = ps[large[0]], _block_size(ps, large)
     tester = _Tester(
         delta=delta, eps=eps, wd_ratio=wd_ratio, decay=_value(lr) * weight_decay,
         decisions=decisions, workspace=workspace,
     )  # fmt: skip
-    for k in tested:  # each tensor finished while it is in cache
+    for k in large:  # each tensor finished while it is in cache
         n0 = params[k].shape[0]
         p, g = row_view(ps[k], n0), row_view(gs[k], n0)
         m, v, step = row_view(exp_avgs[k], n0), row_view(exp_avg_sqs[k], n0), state_steps[k]
@@ -488,12 +499,21 @@ def sgdp_(
     )  # fmt: skip
     if untested and weight_decay != 0:
         torch._foreach_mul_([ps[k] for k in untested], 1 - decay)
-    if tested:
+    chunks, large = small_tensors.split_small(ps, tested)
+    for chunk in chunks:
+        small_tensors.sgdp_rescale_(
+            chunk, params, ps, gs, momentum_buffers,
+            lr=lr_value, momentum=momentum, dampening=dampening, nesterov=nesterov,
+            maximize=maximize, decay=decay, eps=eps, delta=delta, wd_ratio=wd_ratio,
+            decisions=decisions, workspace=workspace,
+        )  # fmt: skip
+        _sgd_step(*([x[k] for k in chunk] for x in (ps, gs, momentum_buffers)), **kernel)
+    if large:
         tester = _Tester(
             delta=delta, eps=eps, wd_ratio=wd_ratio, decay=decay, decisions=decisions,
             workspace=workspace,
         )  # fmt: skip
-        for k in tested:  # each tensor finished while it is in cache
+        for k in large:  # each tensor finished while it is in cache
             n0 = params[k].shape[0]
             p, g = row_view(ps[k], n0), row_view(gs[k], n0)
             b = row_view(momentum_buffers[k], n0)
