@@ -4,9 +4,9 @@
 operations of a few microseconds each whatever the tensor's size. On a tensor of a few
 thousand elements those operations, not its bytes, are the cost: SGDP on ResNet-50's tensor
 layout with 2 elements per row took about 10 ms per step, against 1.4 ms for torch's fused
-SGD (6.5 ms since). Tested tensors of up to :data:`SMALL_ELEMENTS` elements are stepped here instead, in
-chunks of consecutive tensors of about :data:`CHUNK_ELEMENTS` elements (a chunk stays in
-cache between its test and its step):
+SGD (6.5 ms since). Tested tensors of up to :data:`SMALL_ELEMENTS` elements are stepped
+here instead, in chunks of consecutive tensors of about :data:`CHUNK_ELEMENTS` elements
+(a chunk stays in cache between its test and its step):
 
 1. Per tensor only its row sums, written into slices of one vector per sum over the
    chunk's rows: ``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i`` (and SGDP's ``p_i·b_i``, ``b`` the
