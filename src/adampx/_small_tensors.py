@@ -15,8 +15,8 @@ here instead, in chunks of consecutive tensors of about :data:`CHUNK_ELEMENTS` e
 2. The test of every tensor of the chunk at once (:func:`adampx._segments.test`, as the
    CUDA flat step runs it), and the per-row factors of the projection for all rows at once.
 3. The rows rescaled, and the update, in multi-tensor operations:
-   SGDP: ``p ← p·(keep + lr·c)`` in one ``torch._foreach_mul_``; the caller's one
-   ``torch._fused_sgd_`` call then steps these tensors with the untested ones.
+   SGDP: ``p ← p·(keep + lr·c)`` in one ``torch._foreach_mul_``; the caller then steps
+   the chunk in one ``torch._fused_sgd_`` call, while it is still in cache.
    AdamP: ``torch._fused_adamw_`` without weight decay on a zeroed scratch ``w`` (one view
    per tensor) updates ``m``, ``v`` and leaves the step ``w = −(lr/bc1)·u``; then
    ``p·w`` per tensor, and ``p ← w + p·(keep − c)`` in ``torch._foreach_addcmul_`` and
