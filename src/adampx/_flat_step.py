@@ -46,7 +46,7 @@ from torch import Tensor
 
 from adampx._segments import Segments, cached_segments
 from adampx._segments import test as segment_test
-from adampx._shared_step import Decisions
+from adampx._shared_step import Decisions, sgdp_direction_dots
 from adampx._tensors import Workspace, flat_view, row_shape, row_view, scratch
 from adampx._torch_fused import split_tested, start_adamp_
 
@@ -307,12 +307,10 @@ def sgdp_(
             segs, p_norm, g_norm, gp, [params[k] for k in order],
             delta=delta, eps=eps, wd_ratio=wd_ratio, decay=decay, decisions=decisions,
         )  # fmt: skip
-        # row dots of the direction d by linearity: p·b_new = μ·(p·b) + (1−τ)·(p·g)
-        if maximize:
-            gp = -gp  # of the gradient the step descends along
-        direction = pb.mul(momentum).add_(gp, alpha=1 - dampening)
-        if nesterov:
-            direction = gp.add(direction, alpha=momentum)
+        direction = sgdp_direction_dots(
+            pb, gp, momentum=momentum, dampening=dampening, nesterov=nesterov,
+            maximize=maximize,
+        )  # fmt: skip
         # p ← p·(keep + lr·c) − lr·d, the last part in torch's fused SGD below
         scales = test.per_row(test.keep) + lr * test.coefficients(direction)
         for bucket in buckets:

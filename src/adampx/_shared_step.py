@@ -96,3 +96,18 @@ def foreach_project_and_decay_(
         factors = torch._foreach_mul(ratios, -decay)
         torch._foreach_add_(factors, 1)
         torch._foreach_mul_([ps[k] for k in tested], factors)
+
+
+def sgdp_direction_dots(
+    pb: Tensor, gp: Tensor, *, momentum: float, dampening: float, nesterov: bool, maximize: bool
+) -> Tensor:
+    """SGDP's ``p·d`` (per row, or summed) from ``p·b`` (``b`` the momentum before the step;
+    overwritten) and ``p·g``, by linearity, without touching ``d``: ``p·b_new = μ·(p·b) +
+    (1−τ)·(p·g)``, and with nesterov ``p·d = p·g + μ·(p·b_new)``, ``g`` being the gradient
+    the step descends along (negated with ``maximize``). The row-sum steps (the CPU default
+    path, its small tensors, the CUDA flat step) use it to project before the fused SGD
+    kernel computes ``d``."""
+    if maximize:
+        gp = -gp
+    d = pb.mul_(momentum).add_(gp, alpha=1 - dampening)
+    return torch.add(gp, d, alpha=momentum) if nesterov else d

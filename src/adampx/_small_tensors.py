@@ -37,9 +37,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from adampx._segments import Segments, cached_segments
+from adampx._segments import Segments, Test, cached_segments
 from adampx._segments import test as segment_test
-from adampx._shared_step import Decisions
+from adampx._shared_step import Decisions, sgdp_direction_dots
 from adampx._tensors import Workspace, row_shape, row_view, scratch
 
 # tested tensors of up to this many elements are stepped here, ...
@@ -95,10 +95,41 @@ def _sums(shapes: list[tuple[int, int]], like: Tensor, workspace: Workspace | No
     return workspace.constant(("small", tuple(shapes), like.dtype), build)
 
 
-def _test_sums(
-    sums: _Sums, p_rows: list[Tensor], g_rows: list[Tensor], b_rows: list[Tensor] | None
-) -> None:
-    """The row sums of every tensor into ``sums`` (``b_rows``: SGDP's momentum)."""
+def _rows(chunk: list[int], shapes: list[tuple[int, int]], tensors: list[Tensor]) -> list[Tensor]:
+    """The ``[n0, N/n0]`` row views of the chunk's tensors among ``tensors``."""
+    return [row_view(tensors[k], n0) for k, (n0, _) in zip(chunk, shapes, strict=True)]
+
+
+class _Tested(NamedTuple):
+    """A chunk after its test: the tensors' row views, the row sums and the outcome."""
+
+    shapes: list[tuple[int, int]]  # [n0, N/n0]
+    p_rows: list[Tensor]
+    g_rows: list[Tensor]
+    sums: _Sums
+    test: Test
+
+
+def _test_chunk(
+    chunk: list[int],
+    params: list[Tensor],
+    ps: list[Tensor],
+    gs: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    *,
+    decay: float,
+    eps: float,
+    delta: float,
+    wd_ratio: float,
+    decisions: Decisions | None,
+    workspace: Workspace | None,
+) -> _Tested:
+    """The row sums of every tensor of the chunk (with ``momentum_buffers``, SGDP's ``p·b``
+    too, into ``sums.extra``), then the test of all of them at once."""
+    shapes = [row_shape(ps[k]) for k in chunk]
+    p_rows, g_rows = _rows(chunk, shapes, ps), _rows(chunk, shapes, gs)
+    b_rows = None if momentum_buffers is None else _rows(chunk, shapes, momentum_buffers)
+    sums = _sums(shapes, ps[chunk[0]], workspace)
     for j, (p, g) in enumerate(zip(p_rows, g_rows, strict=True)):
         p_norm, g_norm, gp, pb = sums.slices[j]
         torch.linalg.vector_norm(p, dim=1, out=p_norm)
@@ -106,11 +137,11 @@ def _test_sums(
         torch.linalg.vecdot(p, g, dim=1, out=gp)
         if b_rows is not None:
             torch.linalg.vecdot(p, b_rows[j], dim=1, out=pb)
-
-
-def _rows(chunk: list[int], shapes: list[tuple[int, int]], tensors: list[Tensor]) -> list[Tensor]:
-    """The ``[n0, N/n0]`` row views of the chunk's tensors among ``tensors``."""
-    return [row_view(tensors[k], n0) for k, (n0, _) in zip(chunk, shapes, strict=True)]
+    test = segment_test(
+        sums.segments, sums.p_norm, sums.g_norm, sums.gp, [params[k] for k in chunk],
+        delta=delta, eps=eps, wd_ratio=wd_ratio, decay=decay, decisions=decisions,
+    )  # fmt: skip
+    return _Tested(shapes, p_rows, g_rows, sums, test)
 
 
 def _columns(factors: Tensor, sums: _Sums) -> list[Tensor]:
@@ -140,23 +171,17 @@ def sgdp_rescale_(
     """``p ← p·(keep + lr·c)`` for the chunk's tensors: all of SGDP's step but the fused SGD
     update ``b ← μ·b + (1−τ)·g; p ← p − lr·d``, which the caller runs after. ``lr`` and
     ``decay`` (``lr·λ/(1−μ)``) are Python floats."""
-    shapes = [row_shape(ps[k]) for k in chunk]
-    p_rows, g_rows = _rows(chunk, shapes, ps), _rows(chunk, shapes, gs)
-    b_rows = _rows(chunk, shapes, momentum_buffers)
-    sums = _sums(shapes, ps[chunk[0]], workspace)
-    _test_sums(sums, p_rows, g_rows, b_rows)
-    test = segment_test(
-        sums.segments, sums.p_norm, sums.g_norm, sums.gp, [params[k] for k in chunk],
-        delta=delta, eps=eps, wd_ratio=wd_ratio, decay=decay, decisions=decisions,
+    tested = _test_chunk(
+        chunk, params, ps, gs, momentum_buffers, decay=decay, eps=eps, delta=delta,
+        wd_ratio=wd_ratio, decisions=decisions, workspace=workspace,
     )  # fmt: skip
-    # the direction's row dots by linearity: p·b_new = μ·(p·b) + (1−τ)·(p·g), and with
-    # nesterov p·d = p·g + μ·(p·b_new), g being the gradient the step descends along
-    gp = -sums.gp if maximize else sums.gp
-    direction = sums.extra.mul_(momentum).add_(gp, alpha=1 - dampening)
-    if nesterov:
-        direction = gp.add(direction, alpha=momentum)
+    sums, test = tested.sums, tested.test
+    direction = sgdp_direction_dots(
+        sums.extra, sums.gp, momentum=momentum, dampening=dampening, nesterov=nesterov,
+        maximize=maximize,
+    )  # fmt: skip
     factors = test.per_row(test.keep).add_(test.coefficients(direction).mul_(lr))
-    torch._foreach_mul_(p_rows, _columns(factors, sums))
+    torch._foreach_mul_(tested.p_rows, _columns(factors, sums))
 
 
 def adamp_step_(
@@ -180,15 +205,11 @@ def adamp_step_(
     """AdamP's step of the chunk's tensors (their step counters already incremented);
     ``decay``: ``lr·λ`` as a Python float; ``kernel``: the options of
     ``torch._fused_adamw_``."""
-    shapes = [row_shape(ps[k]) for k in chunk]
-    p_rows, g_rows = _rows(chunk, shapes, ps), _rows(chunk, shapes, gs)
-    like = ps[chunk[0]]
-    sums = _sums(shapes, like, workspace)
-    _test_sums(sums, p_rows, g_rows, None)
-    test = segment_test(
-        sums.segments, sums.p_norm, sums.g_norm, sums.gp, [params[k] for k in chunk],
-        delta=delta, eps=eps, wd_ratio=wd_ratio, decay=decay, decisions=decisions,
+    shapes, p_rows, g_rows, sums, test = _test_chunk(
+        chunk, params, ps, gs, None, decay=decay, eps=eps, delta=delta, wd_ratio=wd_ratio,
+        decisions=decisions, workspace=workspace,
     )  # fmt: skip
+    like = ps[chunk[0]]
     sizes = [n0 * length for n0, length in shapes]
     work = scratch(workspace, "small", sum(sizes), like.dtype, like.device).zero_()
     w_rows = [w.view(shape) for w, shape in zip(work.split(sizes), shapes, strict=True)]

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from adampx import _small_tensors as small_tensors
-from adampx._shared_step import Decisions
+from adampx._shared_step import Decisions, sgdp_direction_dots
 from adampx._tensors import (
     Workspace,
     compute_view,
@@ -534,17 +534,7 @@ def sgdp_(
 
 # SGDP's projected step is p ← p·(keep + lr·c) − lr·d with c = p·d / (‖p‖ + eps)² per row or
 # for the whole tensor: the rescale here, the rest in torch's fused SGD. The direction's row
-# dots follow by linearity, without touching it: p·b_new = μ·(p·b) + (1−τ)·(p·g), and with
-# nesterov p·d = p·g + μ·(p·b_new), where b is the momentum before the step and g the
-# gradient the step descends along.
-
-
-def _direction_dots(pb: Tensor, gp: Tensor, kernel: dict[str, Any]) -> Tensor:
-    """``p·d`` from ``p·b`` (overwritten) and ``p·g`` (per row, or summed)."""
-    if kernel["maximize"]:
-        gp = -gp
-    d = pb.mul_(kernel["momentum"]).add_(gp, alpha=1 - kernel["dampening"])
-    return torch.add(gp, d, alpha=kernel["momentum"]) if kernel["nesterov"] else d
+# dots follow by linearity (adampx._shared_step.sgdp_direction_dots).
 
 
 def _sgdp_scale(
@@ -559,7 +549,10 @@ def _sgdp_scale(
     per row, or one 0-d factor for a tensor projected as a whole. The tensor is then stepped
     whole (cutting it into row blocks was no faster)."""
     pb = _row_dots(p, b, tester.workspace, slot=1, column=True)
-    dots = _direction_dots(pb, outcome.gp, kernel)
+    dots = sgdp_direction_dots(
+        pb, outcome.gp, momentum=kernel["momentum"], dampening=kernel["dampening"],
+        nesterov=kernel["nesterov"], maximize=kernel["maximize"],
+    )  # fmt: skip
     if outcome.channel:
         assert outcome.row_scale is not None
         return torch.addcdiv(tester.projected_keep(p.dtype), dots, outcome.row_scale, value=lr)
