@@ -1,0 +1,94 @@
+"""The benchmark commands of docs/performance.md run and print their tables.
+
+No timing is asserted here (the targets are read from the benchmark's output, never from a
+timed test): these tests only catch a benchmark that no longer runs, prints rows that do not
+add up, or measures other shapes than the networks it names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_shape_sets_are_those_of_the_networks() -> None:
+    """Parameter counts of torchvision's resnet50 and vit_b_16 (weights and tensors), which
+    the shape lists are generated to match without torchvision."""
+    sets = _load("step_time").SHAPE_SETS
+    for name, tensors, numel in (("resnet50", 161, 25_557_032), ("vit_b16", 152, 86_567_656)):
+        shapes = sets[name]()
+        assert len(shapes) == tensors, name
+        assert sum(torch.Size(s).numel() for s in shapes) == numel, name
+
+
+def test_step_time_prints_every_candidate() -> None:
+    out = _run("step_time.py", "--sets", "small_resnet", "--rounds", "1", "--threads", "1")
+    assert re.search(r"torch \S+, adampx \S+", out.splitlines()[0])
+    assert re.search(r"fused kernel: built from scratch in \d+\.\d\d s, cached at \S+", out)
+    rows = {}
+    number = r"(\d+\.\d+)"
+    pattern = rf"  (\S.*?)\s+{number}\s+{number}\s+\({number}–{number}\)\s+{number}\s+{number}$"
+    for line in out.splitlines():
+        match = re.match(pattern, line)
+        if match:
+            rows[match.group(1)] = [float(x) for x in match.groups()[1:]]
+    bench = _load("step_time")
+    assert set(rows) == set(bench.candidates())
+    for label, (ms, ratio, q1, q3, speedup, mib) in rows.items():
+        assert ms > 0 and ratio > 0 and speedup > 0 and mib >= 0, label
+        assert q1 <= ratio <= q3, label
+    for baseline in ("AdamW fused", "SGD fused"):
+        assert rows[baseline][1:4] == [1.0, 1.0, 1.0]
+    for reference in ("reference AdamP", "reference SGDP"):
+        assert rows[reference][4] == 1.0
+    assert rows["AdamW foreach"][5] > 0  # its multi-tensor temporaries are counted
+    end_to_end = re.search(
+        r"AdamW step median (\d+) ms, AdamP (\d+) ms\n"
+        r"  AdamP overhead: median ([+-]\d+\.\d) %, interquartile ([+-]\d+\.\d) % to "
+        r"([+-]\d+\.\d) %",
+        out,
+    )
+    assert end_to_end is not None, out
+    assert float(end_to_end.group(4)) <= float(end_to_end.group(5))
+
+
+def test_op_count_prints_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _run("op_count.py", "--sets", "small_resnet").splitlines()
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # op_count imports step_time beside it
+    names = list(_load("op_count").CANDIDATES)
+    counts = dict(zip(names, map(int, out[-1].split()[1:]), strict=True))
+    assert out[-1].split()[0] == "small_resnet"
+    assert all(c > 0 for c in counts.values())
+    # the flat step exists to make fewer operations than the eager multi-tensor math
+    assert counts["AdamP flat"] < counts["AdamP eager"]
+    assert counts["SGDP flat"] < counts["SGDP eager"]
