@@ -25,6 +25,7 @@ def _load(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -92,3 +93,18 @@ def test_op_count_prints_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     # the flat step exists to make fewer operations than the eager multi-tensor math
     assert counts["AdamP flat"] < counts["AdamP eager"]
     assert counts["SGDP flat"] < counts["SGDP eager"]
+
+
+def test_gpu_check_runs_its_parity_section_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU script cannot run here; its parity section (against the reference package,
+    across layouts and dtypes) takes any device, so its code is kept working on the CPU."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # gpu_check imports step_time beside it
+    results = _load("gpu_check").check_parity(torch.device("cpu"))
+    assert len(results) == 10  # 5 comparisons each for AdamP and SGDP
+    assert all(r.ok for r in results), [r for r in results if not r.ok]
+
+
+def test_gpu_check_without_cuda_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, even on a machine with one
+    out = _run("gpu_check.py")
+    assert "CUDA is not available" in out
