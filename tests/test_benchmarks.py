@@ -22,11 +22,16 @@ BENCHMARKS = ROOT / "benchmarks"
 
 
 def _load(name: str) -> ModuleType:
+    """A benchmark script as a module; scripts import ``step_time`` from beside them."""
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
     return module
 
 
@@ -83,9 +88,8 @@ def test_step_time_prints_every_candidate() -> None:
     assert float(end_to_end.group(4)) <= float(end_to_end.group(5))
 
 
-def test_op_count_prints_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_op_count_prints_counts() -> None:
     out = _run("op_count.py", "--sets", "small_resnet").splitlines()
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # op_count imports step_time beside it
     names = list(_load("op_count").CANDIDATES)
     counts = dict(zip(names, map(int, out[-1].split()[1:]), strict=True))
     assert out[-1].split()[0] == "small_resnet"
@@ -95,10 +99,9 @@ def test_op_count_prints_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     assert counts["SGDP flat"] < counts["SGDP eager"]
 
 
-def test_gpu_check_runs_its_parity_section_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_check_runs_its_parity_section_on_cpu() -> None:
     """The GPU script cannot run here; its parity section (against the reference package,
     across layouts and dtypes) takes any device, so its code is kept working on the CPU."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # gpu_check imports step_time beside it
     results = _load("gpu_check").check_parity(torch.device("cpu"))
     assert len(results) == 10  # 5 comparisons each for AdamP and SGDP
     assert all(r.ok for r in results), [r for r in results if not r.ok]
