@@ -5,7 +5,7 @@
 
 Needs an NVIDIA GPU. Without CUDA the script says so and exits with status 0. It prints a
 report in six parts; the paths checked are each optimizer's default (on CUDA, the flat
-multi-tensor step of ``adampx._flat_step``) and its per-tensor path (``foreach=False``).
+multi-tensor step of ``adampx.backends.cuda_flat``) and its per-tensor path (``foreach=False``).
 ``fused=True`` is adampx's CPU kernel and is not used here.
 
 0. Parity on CUDA: the default path against the reference package ``adamp`` (float64, if

@@ -9,10 +9,11 @@ multi-tensor math on ResNet-50's shapes made about 2,200 per step. This script c
 operations one step dispatches (through a ``TorchDispatchMode``, views excluded, since they
 launch nothing) for each path that CUDA tensors can take, on CPU tensors of the real shapes:
 
-- ``AdamP flat`` / ``SGDP flat``: the default on CUDA (``adampx._flat_step``), forced here
-  on the CPU with the padded segment reductions CUDA uses;
-- ``AdamP eager`` / ``SGDP eager``: the eager multi-tensor math (``foreach=True`` where the
-  flat step does not apply: AdamP with nesterov, SGDP without momentum, DTensors);
+- ``AdamP flat`` / ``SGDP flat``: the ``flat`` backend, CUDA's default, forced here on the
+  CPU with ``adampx.backends.force`` (it computes as on CUDA);
+- ``AdamP eager`` / ``SGDP eager``: the ``foreach`` backend, the eager multi-tensor math (what
+  CUDA tensors take where the flat step does not apply: AdamP with nesterov, SGDP without
+  momentum, DTensors);
 - torch's ``AdamW`` / ``SGD`` with ``foreach=True`` and ``fused=True``.
 
 A ``torch._foreach_*`` or fused operation counts once here but launches one kernel per
@@ -30,9 +31,6 @@ from step_time import SHAPE_SETS, Shapes
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import adampx
-import adampx._flat_step as flat_step
-import adampx._segments as segments
-import adampx._torch_fused as torch_fused
 
 VIEWS = {
     "view", "as_strided", "slice", "select", "unsqueeze", "t", "transpose", "split",
@@ -66,51 +64,30 @@ def count(make: Callable[[list[torch.Tensor]], Any], shapes: Shapes) -> int:
     return counter.ops
 
 
-def flat(make: Callable[[list[torch.Tensor]], Any]) -> Callable[[list[torch.Tensor]], Any]:
-    """``make`` with the CPU tensors sent through the flat step, as CUDA tensors are."""
+def forced(backend: str, make: Callable[[list[torch.Tensor]], Any]) -> Callable[..., Any]:
+    """``make`` with every step taking ``backend`` (``adampx.backends.force``)."""
 
-    class Flat:
+    class Forced:
         def __init__(self, params: list[torch.Tensor]) -> None:
             self.opt = make(params)
 
         def step(self) -> None:
-            saved = torch_fused.adamp_, torch_fused.sgdp_, segments.SEGMENT_REDUCE_DEVICES
-            torch_fused.adamp_, torch_fused.sgdp_ = flat_step.adamp_, flat_step.sgdp_
-            segments.SEGMENT_REDUCE_DEVICES = ()
-            try:
+            with adampx.backends.force(backend):
                 self.opt.step()
-            finally:
-                torch_fused.adamp_, torch_fused.sgdp_, segments.SEGMENT_REDUCE_DEVICES = saved
 
-    return Flat
-
-
-def eager(make: Callable[[list[torch.Tensor]], Any]) -> Callable[[list[torch.Tensor]], Any]:
-    """``make`` with every tensor sent through the eager math."""
-
-    class Eager:
-        def __init__(self, params: list[torch.Tensor]) -> None:
-            self.opt = make(params)
-
-        def step(self) -> None:
-            saved = torch_fused.supported
-            torch_fused.supported = lambda *args, **kwargs: False
-            try:
-                self.opt.step()
-            finally:
-                torch_fused.supported = saved
-
-    return Eager
+    return Forced
 
 
 CANDIDATES: dict[str, Callable[[list[torch.Tensor]], Any]] = {
-    "AdamP flat": flat(lambda ps: adampx.AdamP(ps, weight_decay=1e-2)),
-    "AdamP eager": eager(lambda ps: adampx.AdamP(ps, weight_decay=1e-2, foreach=True)),
+    "AdamP flat": forced("flat", lambda ps: adampx.AdamP(ps, weight_decay=1e-2)),
+    "AdamP eager": forced("foreach", lambda ps: adampx.AdamP(ps, weight_decay=1e-2)),
     "AdamW foreach": lambda ps: torch.optim.AdamW(ps, weight_decay=1e-2, foreach=True),
     "AdamW fused": lambda ps: torch.optim.AdamW(ps, weight_decay=1e-2, fused=True),
-    "SGDP flat": flat(lambda ps: adampx.SGDP(ps, lr=0.1, momentum=0.9, weight_decay=1e-2)),
-    "SGDP eager": eager(
-        lambda ps: adampx.SGDP(ps, lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=True)
+    "SGDP flat": forced(
+        "flat", lambda ps: adampx.SGDP(ps, lr=0.1, momentum=0.9, weight_decay=1e-2)
+    ),
+    "SGDP eager": forced(
+        "foreach", lambda ps: adampx.SGDP(ps, lr=0.1, momentum=0.9, weight_decay=1e-2)
     ),
     "SGD foreach": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True),
     "SGD fused": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),

@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                 # all shape sets, 2 threads
     python benchmarks/step_time.py --sets resnet50 --rounds 15
+    python benchmarks/step_time.py --sets resnet50 --baseline main~3   # vs an older adampx
 
 For each shape set (the parameter shapes of ResNet-50, of ViT-B/16, an LLM-like set of
 large matrices, and the demo's small ResNet, whose tensors are all small; generated here,
@@ -27,26 +28,44 @@ Every timed call runs with Python's garbage collector off (collected just before
 The end-to-end row times forward + backward + step of a ResNet-18 layout (CIFAR stem) on
 32×32 inputs, batch 64, AdamP vs AdamW (both default paths), interleaved, and reports
 AdamP's overhead as a percentage with the spread over rounds.
+
+``--baseline REV`` also times adampx as it was at git revision REV of this repository
+(imported beside the current code as ``adampx_baseline``, see ``baseline.py``), so that a
+refactor can show it is no slower: the candidates gain "old AdamP default", "old AdamP
+fused", "old SGDP default" and "old SGDP fused" (with ``--baseline-all-paths``, the old
+per-tensor and multi-tensor paths too), made with the same arguments as the current ones and
+interleaved with them, and each set's table is followed by one row per path: the median over
+rounds of the ratio current ÷ old within each round, its quartiles, both median step times,
+and "no slower": yes where the median ratio is at most 1.05 or 1 lies within its quartiles.
+
+The fused kernel's build time is measured once, at the start: ``load()`` of
+``adampx.backends.cpu_kernel`` (looked up by that name when the benchmark runs) into a fresh
+temporary ``ADAMPX_KERNEL_CACHE``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
+import os
 import platform
 import statistics
+import tempfile
 import time
 import weakref
 from collections.abc import Callable
 from datetime import date
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
+from baseline import Baseline, import_revision
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import adampx
-import adampx.fused
 
 Shapes = list[tuple[int, ...]]
 
@@ -113,29 +132,68 @@ SCALE_INVARIANT: dict[str, Callable[[tuple[int, ...]], bool]] = {
 }
 
 
-def candidates() -> dict[str, tuple[str, Callable[[list[torch.Tensor]], Any]]]:
-    """name -> (family, constructor). Families: "adam", "sgd"."""
-    import adamp as reference
+Make = Callable[[list[torch.Tensor]], Any]
 
-    def adamp(**kw: Any) -> Callable[[list[torch.Tensor]], Any]:
-        return lambda ps: adampx.AdamP(ps, weight_decay=1e-2, **kw)
+# the adampx paths that --baseline compares with the old revision's, and those that
+# --baseline-all-paths adds
+BASELINE_PATHS = ("AdamP default", "AdamP fused", "SGDP default", "SGDP fused")
+ALL_BASELINE_PATHS = (
+    "AdamP per-tensor", "AdamP multi-tensor", "AdamP default", "AdamP fused",
+    "SGDP per-tensor", "SGDP multi-tensor", "SGDP default", "SGDP fused",
+)  # fmt: skip
+OLD = "old "
+
+
+def adampx_paths(module: ModuleType) -> dict[str, tuple[str, Make]]:
+    """name -> (family, constructor) of the paths of ``module`` (adampx, or an older
+    revision of it), all with the same arguments."""
+
+    def adamp(**kw: Any) -> Make:
+        return lambda ps: module.AdamP(ps, weight_decay=1e-2, **kw)
+
+    def sgdp(**kw: Any) -> Make:
+        return lambda ps: module.SGDP(ps, 0.1, 0.9, **kw)
 
     return {
         "AdamP per-tensor": ("adam", adamp(foreach=False)),
         "AdamP multi-tensor": ("adam", adamp(foreach=True)),
         "AdamP default": ("adam", adamp()),
         "AdamP fused": ("adam", adamp(fused=True)),
+        "SGDP per-tensor": ("sgd", sgdp(foreach=False)),
+        "SGDP multi-tensor": ("sgd", sgdp(foreach=True)),
+        "SGDP default": ("sgd", sgdp()),
+        "SGDP fused": ("sgd", sgdp(fused=True)),
+    }
+
+
+def candidates(
+    old: ModuleType | None = None, old_paths: tuple[str, ...] = BASELINE_PATHS
+) -> dict[str, tuple[str, Make]]:
+    """name -> (family, constructor). Families: "adam", "sgd". With ``old`` (an older
+    revision of adampx), its ``old_paths`` too, named "old " + the path, after each family's
+    current candidates."""
+    import adamp as reference
+
+    new = adampx_paths(adampx)
+    old_made = adampx_paths(old) if old is not None else {}
+
+    def olds(family: str) -> dict[str, tuple[str, Make]]:
+        paths = [path for path in old_paths if path in old_made]
+        return {OLD + path: old_made[path] for path in paths if old_made[path][0] == family}
+
+    adam = {
+        **{path: new[path] for path in ALL_BASELINE_PATHS[:4]},
         "AdamW foreach": ("adam", lambda ps: torch.optim.AdamW(ps, foreach=True)),
         "AdamW fused": ("adam", lambda ps: torch.optim.AdamW(ps, fused=True)),
         "reference AdamP": ("adam", lambda ps: reference.AdamP(ps, weight_decay=1e-2)),
-        "SGDP per-tensor": ("sgd", lambda ps: adampx.SGDP(ps, 0.1, 0.9, foreach=False)),
-        "SGDP multi-tensor": ("sgd", lambda ps: adampx.SGDP(ps, 0.1, 0.9, foreach=True)),
-        "SGDP default": ("sgd", lambda ps: adampx.SGDP(ps, 0.1, 0.9)),
-        "SGDP fused": ("sgd", lambda ps: adampx.SGDP(ps, 0.1, 0.9, fused=True)),
+    }
+    sgd = {
+        **{path: new[path] for path in ALL_BASELINE_PATHS[4:]},
         "SGD foreach": ("sgd", lambda ps: torch.optim.SGD(ps, 0.1, 0.9, foreach=True)),
         "SGD fused": ("sgd", lambda ps: torch.optim.SGD(ps, 0.1, 0.9, fused=True)),
         "reference SGDP": ("sgd", lambda ps: reference.SGDP(ps, lr=0.1, momentum=0.9)),
-    }  # fmt: skip
+    }
+    return {**adam, **olds("adam"), **sgd, **olds("sgd")}
 
 
 FUSED = {"adam": "AdamW fused", "sgd": "SGD fused"}
@@ -238,15 +296,22 @@ def paired_ratios(numerators: list[float], denominators: list[float]) -> list[fl
     return [a / b for a, b in zip(numerators, denominators, strict=True)]
 
 
-def measure_set(name: str, rounds: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Interleaved step times and peak memory of every candidate on one shape set."""
+def measure_set(
+    name: str,
+    rounds: int,
+    seed: int = 0,
+    old: Baseline | None = None,
+    old_paths: tuple[str, ...] = BASELINE_PATHS,
+) -> list[dict[str, Any]]:
+    """Interleaved step times and peak memory of every candidate on one shape set; with
+    ``old``, also those of its ``old_paths``, then their comparison (:func:`compare`)."""
     shapes = SHAPE_SETS[name]()
     gen = torch.Generator().manual_seed(seed)
     base = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
     invariant = [SCALE_INVARIANT[name](s) for s in shapes]
     runs, tangent = {}, {}
-    for label, (family, make) in candidates().items():
+    for label, (family, make) in candidates(old and old.module, old_paths).items():
         params = [torch.nn.Parameter(b.clone()) for b in base]
         for p, g, inv in zip(params, grads, invariant, strict=True):
             # shared by all candidates (no step writes to it) to save memory, except where
@@ -296,6 +361,45 @@ def measure_set(name: str, rounds: int, seed: int = 0) -> list[dict[str, Any]]:
             f"  {r['candidate']:<22}{r['ms']:>10.1f}{r['ratio']:>9.2f}{spread:>14}"
             f"{r['speedup']:>12.2f}{r['mib']:>10.1f}"
         )
+    if old is not None:
+        compare(times, old_paths, old.rev)
+    return rows
+
+
+def compare(
+    times: dict[str, list[float]], paths: tuple[str, ...], rev: str
+) -> list[dict[str, Any]]:
+    """Each current path against the same path of the old revision (``times`` holds both,
+    the old under "old " + path): the median over rounds of current ÷ old within a round,
+    with its quartiles; printed as a table, and returned."""
+    rows = []
+    for path in paths:
+        ratios = paired_ratios(times[path], times[OLD + path])
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        median = statistics.median(ratios)
+        rows.append(
+            {
+                "path": path,
+                "ratio": median,
+                "ratio_q1": quartiles[0],
+                "ratio_q3": quartiles[2],
+                "new_ms": 1e3 * statistics.median(times[path]),
+                "old_ms": 1e3 * statistics.median(times[OLD + path]),
+                # within 5 % of the old step, or no further from it than the machine's noise
+                "no_slower": median <= 1.05 or quartiles[0] <= 1.0,
+            }
+        )
+    print(f"  current ÷ old ({rev}): median over rounds of the ratio within a round")
+    header = (
+        f"{'path':<22}{'median':>8}{'(quartiles)':>14}{'new ms':>10}{'old ms':>10}{'no slower':>11}"
+    )
+    print("  " + header)
+    for r in rows:
+        spread = f"({r['ratio_q1']:.2f}–{r['ratio_q3']:.2f})"
+        print(
+            f"  {r['path']:<22}{r['ratio']:>8.2f}{spread:>14}{r['new_ms']:>10.2f}"
+            f"{r['old_ms']:>10.2f}{'yes' if r['no_slower'] else 'NO':>11}"
+        )
     return rows
 
 
@@ -334,13 +438,57 @@ def end_to_end(rounds: int) -> None:
           f"interquartile {q[0]:+.1f} % to {q[2]:+.1f} %")  # fmt: skip
 
 
+KERNEL_LOADER = "adampx.backends.cpu_kernel.load"
+KERNEL_CACHE = "ADAMPX_KERNEL_CACHE"
+
+
+def kernel_loader() -> Callable[[], Path]:
+    """The fused kernel's loader, looked up by name (:data:`KERNEL_LOADER`) when called."""
+    module, _, name = KERNEL_LOADER.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def kernel_build_seconds(load: Callable[[], Any] | None = None) -> float:
+    """Seconds the fused kernel takes to build from scratch: ``load()`` timed with
+    ``ADAMPX_KERNEL_CACHE`` set to a fresh temporary directory. Then the variable is put
+    back as it was and the kernel loaded again, from the usual cache, so that the steps
+    timed afterwards run the cached library."""
+    load = load or kernel_loader()
+    previous = os.environ.get(KERNEL_CACHE)
+    with tempfile.TemporaryDirectory(prefix="adampx-kernel-") as tmp:
+        os.environ[KERNEL_CACHE] = tmp
+        try:
+            start = time.perf_counter()
+            load()
+            seconds = time.perf_counter() - start
+        finally:
+            if previous is None:
+                del os.environ[KERNEL_CACHE]
+            else:
+                os.environ[KERNEL_CACHE] = previous
+        load()  # back to the usual cache
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sets", nargs="+", default=list(SHAPE_SETS), choices=list(SHAPE_SETS))
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-end-to-end", action="store_true")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also time adampx at this git revision, interleaved, and compare (see above)",
+    )
+    parser.add_argument(
+        "--baseline-all-paths",
+        action="store_true",
+        help="with --baseline, compare the per-tensor and multi-tensor paths too",
+    )
     args = parser.parse_args()
+    if args.baseline_all_paths and args.baseline is None:
+        parser.error("--baseline-all-paths needs --baseline")
     if args.rounds < 1 or args.threads < 1:
         parser.error("--rounds and --threads must be at least 1")
     torch.set_num_threads(args.threads)
@@ -349,10 +497,20 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, Python {platform.python_version()}, "
         f"torch {torch.__version__}, adampx {adampx.__version__}"
     )
-    built = adampx.fused.build_seconds()
-    print(f"fused kernel: built from scratch in {built:.2f} s, cached at {adampx.fused.load()}")
+    built = kernel_build_seconds()
+    print(f"fused kernel: built from scratch in {built:.2f} s, cached at {kernel_loader()()}")
+    old, old_paths = None, ALL_BASELINE_PATHS if args.baseline_all_paths else BASELINE_PATHS
+    if args.baseline is not None:
+        try:
+            old = import_revision(args.baseline)
+        except (OSError, RuntimeError) as exc:  # no git, or no such revision
+            parser.error(f"--baseline {args.baseline}: {exc}")
+        print(
+            f"baseline: adampx {old.module.__version__} at {args.baseline} ({old.commit[:12]}), "
+            f"imported as {old.module.__name__}; its paths: {', '.join(old_paths)}"
+        )
     for name in args.sets:
-        measure_set(name, args.rounds)
+        measure_set(name, args.rounds, old=old, old_paths=old_paths)
     if not args.no_end_to_end:
         end_to_end(args.rounds * 2)
 

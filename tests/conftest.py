@@ -1,9 +1,16 @@
-"""Shared test settings."""
+"""Shared test settings and the backend runs that the parity tests repeat every test over."""
 
+import contextlib
 import os
+from collections.abc import Iterator
 
+import pytest
 import torch
 from hypothesis import settings
+
+import adampx
+from adampx.backends import flat
+from adampx.backends.cpu import large, small
 
 # The tests use tiny tensors, where threads only cost: on a shared 2-core machine two torch
 # threads made some tests ten times slower than one.
@@ -13,51 +20,65 @@ settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-
-def force_eager_math(monkeypatch) -> None:
-    """Make every tensor skip the CPU fused kernels, so the eager per-tensor / multi-tensor
-    math runs (as on accelerators, for tensor subclasses and for unusual layouts)."""
-    import adampx._torch_fused
-
-    monkeypatch.setattr(adampx._torch_fused, "supported", lambda *args, **kwargs: False)
+# Every backend that can run here, plus two runs of the ``cpu`` backend with its sizes made
+# tiny, so that the tests' small models take the routes that large models take:
+# "cpu-per-tensor" (each tested tensor on its own, in row blocks of about 24 elements) and
+# "cpu-chunks" (the small tensors in chunks of a few tensors). "default" forces nothing.
+BACKEND_RUNS = ["default", *adampx.backends.available(), "cpu-per-tensor", "cpu-chunks"]
 
 
-def force_per_tensor(monkeypatch) -> None:
-    """Make the CPU default path step every tested tensor on its own, as it steps large ones
-    (by default tensors as small as the tests' take ``adampx._small_tensors``)."""
-    import adampx._small_tensors
-
-    monkeypatch.setattr(adampx._small_tensors, "SMALL_ELEMENTS", 0)
-
-
-def force_small_blocks(monkeypatch, block_elements: int = 24) -> None:
-    """Make the CPU default path step every tested tensor on its own and cut it into row
-    blocks of about ``block_elements`` elements (one row where a row is longer), as it
-    steps and cuts large ones (AdamP's projected tensors; SGDP's are stepped whole)."""
-    import adampx._torch_fused
-
-    force_per_tensor(monkeypatch)
-    monkeypatch.setattr(adampx._torch_fused, "BLOCK_ELEMENTS", block_elements)
-
-
-def force_small_chunks(monkeypatch, chunk_elements: int = 100) -> None:
-    """Make the CPU default path's small tested tensors (``adampx._small_tensors``) come in
-    chunks of about ``chunk_elements`` elements, so that a model spans several."""
-    import adampx._small_tensors
-
-    monkeypatch.setattr(adampx._small_tensors, "CHUNK_ELEMENTS", chunk_elements)
+@contextlib.contextmanager
+def backend_run(name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every step inside takes the backend run ``name`` (see :data:`BACKEND_RUNS`); the
+    ``flat`` backend in buckets of about 100 elements, so that a model spans several."""
+    if name == "default":
+        yield
+        return
+    if name == "cpu-per-tensor":
+        monkeypatch.setattr(small, "SMALL_ELEMENTS", 0)
+        monkeypatch.setattr(large, "BLOCK_ELEMENTS", 24)
+        name = "cpu"
+    elif name == "cpu-chunks":
+        monkeypatch.setattr(small, "CHUNK_ELEMENTS", 100)
+        name = "cpu"
+    elif name == "flat":
+        monkeypatch.setattr(flat, "BUCKET_ELEMENTS", 100)
+    with adampx.backends.force(name):
+        yield
 
 
-def force_flat_step(monkeypatch, bucket_elements: int = 100) -> None:
-    """Make the CPU tensors that qualify take the flat multi-tensor step of
-    ``adampx._flat_step`` (what CUDA tensors take), in buckets of about ``bucket_elements``
-    elements so that a model spans several buckets, with the padded segment reductions that
-    CUDA tensors get."""
-    import adampx._flat_step
-    import adampx._segments
-    import adampx._torch_fused
+@pytest.fixture(params=BACKEND_RUNS)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A test that uses this fixture runs once per backend run of :data:`BACKEND_RUNS`:
+    once per backend that can run here (``adampx.backends.available()``), forced with
+    ``adampx.backends.force``, once as a user gets it ("default"), and twice more on the
+    ``cpu`` backend with its sizes made tiny. A backend that does not run a test's options
+    must refuse them with a clear error (:func:`step_or_refusal`)."""
+    with backend_run(request.param, monkeypatch):
+        yield request.param
 
-    monkeypatch.setattr(adampx._segments, "SEGMENT_REDUCE_DEVICES", ())
-    monkeypatch.setattr(adampx._torch_fused, "adamp_", adampx._flat_step.adamp_)
-    monkeypatch.setattr(adampx._torch_fused, "sgdp_", adampx._flat_step.sgdp_)
-    monkeypatch.setattr(adampx._flat_step, "BUCKET_ELEMENTS", bucket_elements)
+
+def refuses(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the backend forced here refuses the options of ``optimizer``'s first group:
+    torch's fused kernels, which the ``cpu`` and ``flat`` backends run on, have no Nesterov
+    Adam and no SGD without a momentum buffer."""
+    forced = adampx.backends.forced()
+    if forced is None or forced.NAME not in ("cpu", "flat"):
+        return False
+    if not isinstance(optimizer, (adampx.AdamP, adampx.SGDP)):
+        return False
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, adampx.AdamP):
+        return bool(group["nesterov"])
+    return group["momentum"] == 0
+
+
+def step_or_refusal(optimizer: torch.optim.Optimizer) -> bool:
+    """``optimizer.step()``; True if it stepped, False if the forced backend refused the
+    options, as :func:`refuses` says it must (its error then names the option)."""
+    if refuses(optimizer):
+        with pytest.raises(ValueError, match=r"cannot run (AdamP with nesterov|SGDP with mom)"):
+            optimizer.step()
+        return False
+    optimizer.step()
+    return True

@@ -8,6 +8,7 @@ add up, or measures other shapes than the networks it names.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -86,6 +87,86 @@ def test_step_time_prints_every_candidate() -> None:
     )
     assert end_to_end is not None, out
     assert float(end_to_end.group(4)) <= float(end_to_end.group(5))
+
+
+def test_step_time_kernel_build_from_scratch_restores_the_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The build is timed in a fresh, empty cache; then ADAMPX_KERNEL_CACHE is as it was
+    (set or not) and the kernel is loaded again from there."""
+    bench = _load("step_time")
+    assert bench.KERNEL_LOADER == "adampx.backends.cpu_kernel.load"
+    for usual in (str(tmp_path), None):
+        if usual is None:
+            monkeypatch.delenv("ADAMPX_KERNEL_CACHE", raising=False)
+        else:
+            monkeypatch.setenv("ADAMPX_KERNEL_CACHE", usual)
+        caches: list[str | None] = []
+
+        def load(caches: list[str | None] = caches) -> None:
+            cache = os.environ.get("ADAMPX_KERNEL_CACHE")
+            caches.append(cache)
+            if len(caches) == 1:
+                assert cache is not None and not os.listdir(cache)
+
+        assert bench.kernel_build_seconds(load) >= 0
+        assert caches[1:] == [usual], caches
+        assert caches[0] != usual and not Path(caches[0]).exists()  # removed after
+        assert os.environ.get("ADAMPX_KERNEL_CACHE") == usual
+
+
+def test_baseline_rewrites_the_package_imports() -> None:
+    """An old revision imports itself as adampx_baseline: names in code and strings that are
+    module paths change; comments, docstrings, attributes and other strings do not."""
+    rewrite = _load("baseline").rewrite_source
+    source = (
+        '"""Doc: see adampx.fused."""\n'
+        "import adampx\n"
+        "import adampx.fused as fused  # adampx's kernel\n"
+        "from adampx._tensors import scratch\n"
+        'kernel = resources.files("adampx") / "kernels" / "projected_step.c"\n'
+        "module = importlib.import_module('adampx.backends.cpu_kernel')\n"
+        "hint = \"pip install 'adampx[demo]'\"; x = obj.adampx; y = adampx.SGDP\n"
+    )
+    assert rewrite(source) == (
+        '"""Doc: see adampx.fused."""\n'
+        "import adampx_baseline\n"
+        "import adampx_baseline.fused as fused  # adampx's kernel\n"
+        "from adampx_baseline._tensors import scratch\n"
+        'kernel = resources.files("adampx_baseline") / "kernels" / "projected_step.c"\n'
+        "module = importlib.import_module('adampx_baseline.backends.cpu_kernel')\n"
+        "hint = \"pip install 'adampx[demo]'\"; x = obj.adampx; y = adampx_baseline.SGDP\n"
+    )
+
+
+def test_step_time_against_a_baseline_revision() -> None:
+    """--baseline HEAD imports the committed package beside the working tree's, times its
+    paths interleaved with the current ones, and prints the paired ratios. Needs git and the
+    repository's history (CI runs in a clone): fails, not skips, without them."""
+    out = _run(
+        "step_time.py",
+        *("--sets", "small_resnet", "--rounds", "2", "--threads", "1", "--no-end-to-end"),
+        *("--baseline", "HEAD"),
+    )
+    assert re.search(
+        r"^baseline: adampx \S+ at HEAD \([0-9a-f]{12}\), imported as adampx_baseline", out, re.M
+    ), out
+    bench = _load("step_time")
+    number = r"(\d+\.\d+)"
+    main_row = rf"  (\S.*?)\s+{number}\s+{number}\s+\({number}–{number}\)\s+{number}\s+{number}$"
+    labels = {m.group(1) for m in re.finditer(main_row, out, re.M)}
+    old = {"old " + path for path in bench.BASELINE_PATHS}
+    assert labels == set(bench.candidates()) | old
+    title = out.index("current ÷ old (HEAD): median over rounds of the ratio within a round")
+    rows = {}
+    pattern = rf"  (\S.*?)\s+{number}\s+\({number}–{number}\)\s+{number}\s+{number}\s+(yes|NO)$"
+    for line in out[title:].splitlines():
+        match = re.match(pattern, line)
+        if match:
+            rows[match.group(1)] = [float(x) for x in match.groups()[1:-1]]
+    assert list(rows) == ["AdamP default", "AdamP fused", "SGDP default", "SGDP fused"], out
+    for path, (ratio, q1, q3, new_ms, old_ms) in rows.items():
+        assert 0 < q1 <= ratio <= q3 and new_ms > 0 and old_ms > 0, path
 
 
 def test_op_count_prints_counts() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import adamp as ref
@@ -17,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import fixtures.make_checkpoint as old
 from adampx import SGDP, AdamP
 from norm_mlp import loss_at, make_model
 
@@ -25,6 +27,8 @@ STEPS_AFTER = 3
 # float64 parity with another implementation (different operation order in the projection).
 REF_TOL = dict(rtol=1e-10, atol=1e-12)
 ADAMP_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+# written by tests/fixtures/make_checkpoint.py (imported as ``old``) at commit b78b873
+FIXTURE = Path(__file__).with_name("fixtures") / "checkpoint_b78b873.pt"
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -417,3 +421,31 @@ def test_mismatched_checkpoint_raises(mutate: Mutation, match: str):
     target = AdamP(two_groups(copy.deepcopy(model), False, ADAMP_HYPER))
     with pytest.raises(ValueError, match=match):
         target.load_state_dict(checkpoint)
+
+
+# ------------------------------------------------------- checkpoints of an earlier adampx
+
+
+@pytest.mark.parametrize("name", ["adamp", "adamp_nesterov", "sgdp", "sgdp_nesterov"])
+def test_checkpoint_saved_by_an_earlier_version_resumes(name: str) -> None:
+    """A checkpoint that adampx wrote before its backends were reorganised (commit b78b873,
+    stored in ``tests/fixtures``) loads into today's optimizer, and 3 more steps give the
+    weights that the old code reached in 6 uninterrupted steps: the state-dict keys and the
+    meaning of every entry are unchanged."""
+    stored = torch.load(FIXTURE, weights_only=True)
+    assert stored["commit"] == "b78b873"
+    saved = stored[name]
+    net = old.model()
+    net.load_state_dict(saved["model"])
+    optimizer = old.CONFIGS[name](net.parameters())
+    optimizer.load_state_dict(saved["optimizer"])
+    assert optimizer.state_dict()["state"].keys() == saved["optimizer"]["state"].keys()
+    for index, state in optimizer.state_dict()["state"].items():
+        assert state.keys() == saved["optimizer"]["state"][index].keys()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    old.train(net, optimizer, 3)
+    for key, expected in saved["final"].items():
+        actual = net.state_dict()[key]
+        if actual.is_floating_point() and key.endswith("weight") and actual.dim() > 1:
+            assert not torch.equal(actual, before[key]), f"{key} did not move"
+        torch.testing.assert_close(actual, expected, **REF_TOL, msg=lambda m, k=key: f"{k}: {m}")

@@ -1,9 +1,9 @@
 """Shapes, memory layouts and dtypes: AdamP and SGDP against independent references.
 
 References: the reference package ``adamp==0.3.0`` (``reference.AdamP`` / ``reference.SGDP``),
-and ``AlgorithmReference`` below, ALGORITHM.md step by step on plain tensors with the
+and ``AlgorithmReference`` below, docs/algorithm.md step by step on plain tensors with the
 float64 test-and-project of ``test_projection.py``. The reference package's SGDP projects its
-momentum buffer in place when nesterov is off (ALGORITHM.md), so SGDP with momentum and without
+momentum buffer in place when nesterov is off (docs/algorithm.md), so SGDP with momentum and without
 nesterov is compared with ``AlgorithmReference`` instead.
 
 Gradients are synthetic: on even steps orthogonal per row to the current weight (so the
@@ -32,7 +32,7 @@ STEPS = 6
 
 
 class AlgorithmReference:
-    """ALGORITHM.md's AdamP or SGDP, literally, in the dtype of the (real) params given."""
+    """docs/algorithm.md's AdamP or SGDP, literally, in the dtype of the (real) params given."""
 
     DEFAULTS: ClassVar[dict[type, dict[str, Any]]] = {
         AdamP: dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0, nesterov=False),
@@ -91,13 +91,13 @@ class Config:
 
     @property
     def package_is_faithful(self) -> bool:
-        """Whether the reference package computes ALGORITHM.md here: its SGDP projects the
+        """Whether the reference package computes docs/algorithm.md here: its SGDP projects the
         buffer when nesterov is off, which only matters with momentum."""
         hp = self.hyper
         return self.optimizer is AdamP or hp.get("nesterov") or hp.get("momentum", 0) == 0
 
     def reference(self, params: Sequence[Tensor], **override: Any):
-        """The reference package where it computes ALGORITHM.md, else AlgorithmReference."""
+        """The reference package where it computes docs/algorithm.md, else AlgorithmReference."""
         if not self.package_is_faithful:
             return self.algorithm(params, **override)
         cls = reference.AdamP if self.optimizer is AdamP else reference.SGDP
@@ -388,7 +388,7 @@ def test_complex_weight_equals_its_real_view(dtype, shape, config, foreach):
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
 def test_complex_weight_matches_algorithm_on_real_view(dtype, config, foreach):
-    """ALGORITHM.md in float64 on the real view ``[n0, n1, 2]``, rows along dim 0."""
+    """docs/algorithm.md in float64 on the real view ``[n0, n1, 2]``, rows along dim 0."""
     c = leaf(torch.randn(4, 3, generator=torch.Generator().manual_seed(6), dtype=dtype))
     r = leaf(torch.view_as_real(c.detach()).double())
     train([config.ours([c], foreach), config.algorithm([r])], [[c], [r]])

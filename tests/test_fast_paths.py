@@ -1,19 +1,22 @@
-"""The fast per-tensor paths on the CPU: torch's fused kernels (the default) and ``fused=True``.
+"""The CPU backends against the eager math: ``cpu`` (the default) and ``cpu-kernel``.
 
-Three implementations of the per-tensor step are compared here:
+Three backend runs of the step are compared here (:mod:`adampx.backends`):
 
-- ``plain``: the plain per-tensor code (``_single_tensor_adamp`` / ``_single_tensor_sgdp``),
-  forced by making ``adampx._torch_fused.supported`` answer False during the step;
-- ``default``: ``foreach=None`` on the CPU, which runs eligible tensors through
-  ``torch._fused_adamw_`` / ``torch._fused_sgd_`` (``adampx._torch_fused``);
-- ``fused``: ``fused=True``, the compiled C kernel of ``adampx.fused``.
+- ``plain``: the ``eager`` backend, the math of :mod:`adampx.algorithm.update` one tensor at
+  a time, forced with ``adampx.backends.force("eager")`` during the step;
+- ``default``: ``foreach=None`` on the CPU, which routes the tensors it takes to the ``cpu``
+  backend: torch's ``torch._fused_adamw_`` / ``torch._fused_sgd_`` plus the projection, small
+  tested tensors in chunks (:mod:`adampx.backends.cpu.small`), larger ones one at a time
+  (:mod:`adampx.backends.cpu.large`);
+- ``fused``: ``fused=True``, the compiled C kernel of the ``cpu-kernel`` backend
+  (:mod:`adampx.backends.cpu_kernel`).
 
 Independent references: the reference package ``adamp==0.3.0`` (with the buffer-aliasing
 fix of ``test_parity_reference.spy`` for SGDP without nesterov), and the plain path where the
 reference has no counterpart (maximize, complex, channels_last, tensor lr). The parities are
 in float64 (float32 and half params get rounding tolerances) with the projection firing, and
-:class:`PathSpy` checks that the implementation under test actually stepped the params, so
-no parity here is vacuous.
+:class:`PathSpy` checks which backend actually stepped the params, so no parity here is
+vacuous.
 """
 
 from __future__ import annotations
@@ -35,15 +38,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import adampx
 import test_checkpoint as ckpt
 import test_statistics as stats_model
 from adampx import SGDP, AdamP
-from adampx import _small_tensors as small_tensors
-from adampx import _torch_fused as torch_fused
-from adampx import fused as fused_kernel
-from adampx._tensors import Workspace
-from adampx.projection import RowStatistics, decide, row_statistics
-from conftest import force_per_tensor, force_small_chunks
+from adampx.algorithm.projection import RowStatistics, decide, row_statistics
+from adampx.algorithm.spec import Step
+from adampx.backends import cpu, cpu_kernel, eager, flat, foreach, plan
+from adampx.backends.cpu import large, small
+from adampx.util.tensors import Batch
+from adampx.util.workspace import Workspace
 from norm_mlp import make_model as make_norm_mlp
 from test_dtypes_shapes import leaf, make_grad
 from test_flat_step import OPTIMIZERS as OPTIMIZERS_FLAT
@@ -61,24 +65,22 @@ sgdp_module = importlib.import_module("adampx.sgdp")
 
 @pytest.fixture(autouse=True, params=["small", "per-tensor"])
 def default_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test twice: the default path's tested tensors (all small here) stepped together
-    in chunks of a few tensors (``adampx._small_tensors``, what small tensors get), and each
-    on its own (``adampx._torch_fused``, what large ones get)."""
+    """Every test twice: the ``cpu`` backend's tested tensors (all small here) stepped
+    together in chunks of a few tensors (:mod:`adampx.backends.cpu.small`, what small tensors
+    get), and each on its own (:mod:`adampx.backends.cpu.large`, what large ones get)."""
     if request.param == "per-tensor":
-        force_per_tensor(monkeypatch)
+        monkeypatch.setattr(small, "SMALL_ELEMENTS", 0)
     else:
-        force_small_chunks(monkeypatch, chunk_elements=2500)
+        monkeypatch.setattr(small, "CHUNK_ELEMENTS", 2500)
     return str(request.param)
 
 
 # ------------------------------------------------------------------------ path helpers
 
 
-@contextlib.contextmanager
-def forced_plain() -> Iterator[None]:
-    """No tensor qualifies for the fast paths: every tensor takes the plain per-tensor code."""
-    with mock.patch.object(torch_fused, "supported", lambda *args, **kwargs: False):
-        yield
+def forced_plain() -> contextlib.AbstractContextManager[None]:
+    """Every tensor of the steps inside takes the ``eager`` backend (the plain math)."""
+    return adampx.backends.force(eager.NAME)
 
 
 def _plain_class(cls: type) -> type:
@@ -106,51 +108,46 @@ def make_opt(cls: type, path: str, params: Any, **hyper: Any) -> torch.optim.Opt
 
 
 def expected_impl(path: str, cls: type, hyper: dict[str, Any]) -> str:
-    """Which implementation ``path`` must use for plain contiguous float tensors."""
+    """The backend that ``path`` must route plain contiguous float CPU tensors to
+    (:func:`adampx.backends.plan.chain`)."""
     if path == "fused":
-        return "kernel"
+        return cpu_kernel.NAME
     if path == "plain":
-        return "plain"
+        return eager.NAME
+    # the default path: ``cpu`` where torch's fused kernels run the options, else the eager
+    # math, per tensor on the CPU
     if cls is AdamP and hyper.get("nesterov"):
-        return "plain"  # torch's fused AdamW has no nesterov
+        return eager.NAME  # torch's fused AdamW has no nesterov
     if cls is SGDP and hyper.get("momentum", 0) == 0:
-        return "plain"  # nor does torch's fused SGD without a buffer
-    return "torch_fused"
+        return eager.NAME  # nor does torch's fused SGD without a buffer
+    return cpu.NAME
 
 
 class PathSpy:
-    """Records which implementation stepped which params.
+    """Records which backend stepped which params: each backend's ``step_`` (which
+    :func:`adampx.backends.plan.run` calls through the module) is wrapped to record the
+    ``params`` of every batch it is given."""
 
-    ``torch_fused``: ``adampx._torch_fused.adamp_`` / ``sgdp_``; ``kernel``:
-    ``adampx.fused.adamp_`` / ``sgdp_``; ``plain``: the plain per-tensor loop, seen through
-    its per-tensor call of ``project_and_decay_`` (made for every tensor it steps).
-    """
-
-    IMPLS = ("torch_fused", "kernel", "plain")
+    BACKENDS = (eager, foreach, cpu, cpu_kernel, flat)
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.seen: dict[str, list[Tensor]] = {name: [] for name in self.IMPLS}
-        for module, impl in ((torch_fused, "torch_fused"), (fused_kernel, "kernel")):
-            for name in ("adamp_", "sgdp_"):
-                wrapped = self._wrap(getattr(module, name), impl, many=True)
-                monkeypatch.setattr(module, name, wrapped)
-        for module in (adamp_module, sgdp_module):
-            wrapped = self._wrap(module.project_and_decay_, "plain", many=False)
-            monkeypatch.setattr(module, "project_and_decay_", wrapped)
+        self.seen: dict[str, list[Tensor]] = {b.NAME: [] for b in self.BACKENDS}
+        for backend in self.BACKENDS:
+            monkeypatch.setattr(backend, "step_", self._wrap(backend.step_, backend.NAME))
 
-    def _wrap(self, fn: Callable[..., Any], impl: str, *, many: bool) -> Callable[..., Any]:
+    def _wrap(self, fn: Callable[..., None], name: str) -> Callable[..., None]:
         @functools.wraps(fn)
-        def wrapper(first: Any, *args: Any, **kwargs: Any) -> Any:
-            self.seen[impl].extend(first if many else [first])
-            return fn(first, *args, **kwargs)
+        def wrapper(step: Step, batch: Batch, workspace: Workspace | None) -> None:
+            self.seen[name].extend(batch.params)
+            fn(step, batch, workspace)
 
         return wrapper
 
     def impls_of(self, p: Tensor) -> set[str]:
-        return {impl for impl, ps in self.seen.items() if any(q is p for q in ps)}
+        return {name for name, ps in self.seen.items() if any(q is p for q in ps)}
 
     def assert_only(self, params: Any, impl: str) -> None:
-        """Every param in ``params`` was stepped by ``impl`` and by nothing else."""
+        """Every param in ``params`` was stepped by backend ``impl`` and by no other."""
         for p in params:
             assert self.impls_of(p) == {impl}, (tuple(p.shape), self.impls_of(p))
 
@@ -419,14 +416,14 @@ def test_paths_agree_float64(case: str, config: str, path_spy: PathSpy) -> None:
     cls, hyper = CONFIGS[config]
     plain, fired = run_path(cls, "plain", case, hyper)
     assert fired, "the projection must fire"
-    path_spy.assert_only(all_params(plain), "plain")
+    path_spy.assert_only(all_params(plain), "eager")
     for path in ("default", "fused"):
         opt, _ = run_path(cls, path, case, hyper)
         assert_same_state(plain, opt, **F64)
         if case == "tensor-lr":
             assert float(opt.param_groups[0]["lr"]) == hyper["lr"] / 2
         for p in all_params(opt):
-            impl = "plain" if p.numel() == 0 else expected_impl(path, cls, hyper)
+            impl = "eager" if p.numel() == 0 else expected_impl(path, cls, hyper)
             path_spy.assert_only([p], impl)
 
 
@@ -450,7 +447,7 @@ def test_fused_half_params_match_plain_path(dtype: torch.dtype, config: str, pat
     cls, hyper = CONFIGS[config]
     plain, _ = run_path(cls, "plain", "channels_last", hyper, dtype=dtype)
     opt, _ = run_path(cls, "fused", "channels_last", hyper, dtype=dtype)
-    path_spy.assert_only(all_params(opt), "kernel")
+    path_spy.assert_only(all_params(opt), "cpu-kernel")
     for pa, pb in zip(all_params(plain), all_params(opt), strict=True):
         assert pb.dtype == dtype and pb.stride() == pa.stride()
         torch.testing.assert_close(pb, pa)  # half tolerances
@@ -483,7 +480,7 @@ def test_large_tensors_on_two_threads(config: str, path_spy: PathSpy) -> None:
                 opt.step()
     finally:
         torch.set_num_threads(threads)
-    path_spy.assert_only(all_params(opts["fused"]), "kernel")
+    path_spy.assert_only(all_params(opts["fused"]), "cpu-kernel")
     for path in ("default", "fused"):
         assert_same_state(opts["plain"], opts[path], **F64)
 
@@ -505,32 +502,33 @@ def _outcome_grads(params: list[Tensor], k: int) -> list[Tensor]:
 def test_small_and_large_tensors_in_one_step(
     config: str, monkeypatch: pytest.MonkeyPatch, path_spy: PathSpy
 ) -> None:
-    """Small tested tensors go to ``adampx._small_tensors`` in chunks of consecutive tensors,
-    larger ones to the per-tensor step, in the same step; each of the three outcomes of the
-    test (the small tensors: per row and not projected; the large one: as a whole) and the
-    untested bias match the plain path; the decisions recorded are the plain path's."""
-    monkeypatch.setattr(small_tensors, "SMALL_ELEMENTS", 1100)
-    monkeypatch.setattr(small_tensors, "CHUNK_ELEMENTS", 1500)
+    """Small tested tensors go to :mod:`adampx.backends.cpu.small` in chunks of consecutive
+    tensors, larger ones one at a time to :mod:`adampx.backends.cpu.large`, in the same step;
+    each of the three outcomes of the test (the small tensors: per row and not projected;
+    the large one: as a whole) and the untested bias match the plain path; the decisions
+    recorded are the plain path's."""
+    monkeypatch.setattr(small, "SMALL_ELEMENTS", 1100)
+    monkeypatch.setattr(small, "CHUNK_ELEMENTS", 1500)
     # 1080, 1200, 1008 and 216 elements, and a bias
     shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3), (4, 6, 3, 3), (16,)]
     chunks: list[list[tuple[int, ...]]] = []
-    large: list[tuple[int, ...]] = []
+    tested_alone: list[tuple[int, ...]] = []
     for name in ("adamp_step_", "sgdp_rescale_"):
-        real = getattr(small_tensors, name)
+        real = getattr(small, name)
 
-        def spy_chunk(chunk: list[int], params: list[Tensor], *args: Any, _real: Any = real,
-                      **kwargs: Any) -> None:  # fmt: skip
-            chunks.append([tuple(params[k].shape) for k in chunk])
-            _real(chunk, params, *args, **kwargs)
+        def spy_chunk(step: Step, batch: Batch, chunk: list[int], workspace: Any,
+                      _real: Any = real) -> None:  # fmt: skip
+            chunks.append([tuple(batch.params[k].shape) for k in chunk])
+            _real(step, batch, chunk, workspace)
 
-        monkeypatch.setattr(small_tensors, name, spy_chunk)
-    real_test = torch_fused._Tester.__call__
+        monkeypatch.setattr(small, name, spy_chunk)
+    real_test = large._test
 
-    def spy_large(self: Any, param: Tensor, p: Tensor, g: Tensor) -> Any:
-        large.append(tuple(param.shape))
-        return real_test(self, param, p, g)
+    def spy_large(step: Step, param: Tensor, *args: Any) -> Any:
+        tested_alone.append(tuple(param.shape))
+        return real_test(step, param, *args)
 
-    monkeypatch.setattr(torch_fused._Tester, "__call__", spy_large)
+    monkeypatch.setattr(large, "_test", spy_large)
     cls, hyper = CONFIGS[config]
 
     def fresh() -> list[Tensor]:
@@ -551,8 +549,8 @@ def test_small_and_large_tensors_in_one_step(
         plain, default = ([s.view for s in opt.statistics()] for opt in opts.values())
         assert plain == default and default[:4] == ["channel", "layer", "none", "none"], default
     assert chunks == [[shapes[0]], [shapes[2], shapes[3]]] * 4, chunks
-    assert large == [shapes[1]] * 4, large
-    path_spy.assert_only(all_params(opts["default"]), "torch_fused")
+    assert tested_alone == [shapes[1]] * 4, tested_alone
+    path_spy.assert_only(all_params(opts["default"]), "cpu")
     assert_same_state(opts["plain"], opts["default"], **F64)
 
 
@@ -560,13 +558,14 @@ def test_small_and_large_tensors_in_one_step(
 def test_small_tensors_cost_a_few_operations_each(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The point of ``adampx._small_tensors``: a small tested tensor costs the step its
-    row sums (six operations: two norms and two dot products of two operations each) and
-    no more, where the per-tensor step makes more than fifteen."""
-    monkeypatch.setattr(small_tensors, "CHUNK_ELEMENTS", 1 << 20)
+    """The point of :mod:`adampx.backends.cpu.small`: a small tested tensor costs the step
+    its row sums (six operations: two norms and two dot products of two operations each)
+    and no more, where the per-tensor step (:mod:`adampx.backends.cpu.large`) makes more
+    than fifteen."""
+    monkeypatch.setattr(small, "CHUNK_ELEMENTS", 1 << 20)
 
-    def per_tensor_cost(small: int) -> float:
-        monkeypatch.setattr(small_tensors, "SMALL_ELEMENTS", small)
+    def per_tensor_cost(small_elements: int) -> float:
+        monkeypatch.setattr(small, "SMALL_ELEMENTS", small_elements)
         counts = []
         for count in (10, 40):
             opt = OPTIMIZERS_FLAT[name](model_params(count))
@@ -586,8 +585,8 @@ def test_default_path_works_in_row_blocks(
 ) -> None:
     """Tensors larger than a row block, one per outcome of the test, match the plain path;
     AdamP's scratch is one block, but for the tensor projected as a whole, SGDP's none."""
-    force_per_tensor(monkeypatch)
-    monkeypatch.setattr(torch_fused, "BLOCK_ELEMENTS", 300)
+    monkeypatch.setattr(small, "SMALL_ELEMENTS", 0)  # each tested tensor on its own
+    monkeypatch.setattr(large, "BLOCK_ELEMENTS", 300)
     shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3)]  # 1080, 1200 and 1008 elements
     cls, hyper = CONFIGS[config]
     opts = {
@@ -606,7 +605,7 @@ def test_default_path_works_in_row_blocks(
                 (False, False),
             ]
             opt.step()
-    path_spy.assert_only(all_params(opts["default"]), "torch_fused")
+    path_spy.assert_only(all_params(opts["default"]), "cpu")
     assert_same_state(opts["plain"], opts["default"], **F64)
     buffers = opts["default"]._workspace._buffers
     sizes = {name: b.numel() for (name, _, _), b in buffers.items()}
@@ -626,14 +625,14 @@ def test_functional_default_step(
     path_spy: PathSpy,
 ) -> None:  # fmt: skip
     """The functional step, with a workspace or without (its row sums then go to buffers
-    made at every call), takes the default path and matches the plain per-tensor optimizer,
+    made at every call), takes the ``cpu`` backend and matches the plain path's optimizer,
     for tensors projected per row, one projected as a whole and one not. The gradients
     keep a radial part of half the threshold, so that ``p·g`` matters. Two projected
     tensors share a row count (and so the kept buffers of their row sums), and with
     ``blocks`` AdamP's first tensor is cut into blocks of 16 and 8 rows, 16 being the row
     count of another tensor."""
     if blocks is not None:
-        monkeypatch.setattr(torch_fused, "BLOCK_ELEMENTS", blocks)
+        monkeypatch.setattr(large, "BLOCK_ELEMENTS", blocks)
     cls, hyper = CONFIGS[config]
     # per row, as a whole, not projected, untested, per row with the first one's row count
     shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3), (16,), (24, 30)]
@@ -680,14 +679,12 @@ def test_functional_default_step(
                 wd_ratio=defaults["wd_ratio"], maximize=defaults["maximize"], projection=True,
                 workspace=workspace,
             )  # fmt: skip
-    path_spy.assert_only(params, "torch_fused")
+    path_spy.assert_only(params, "cpu")
     for a, b in zip(all_params(plain), params, strict=True):
         torch.testing.assert_close(a, b, **F64)
 
 
-@pytest.mark.parametrize(
-    "row_limit", [fused_kernel.ROW_LIMIT, 8], ids=["rows-in-cache", "long-rows"]
-)
+@pytest.mark.parametrize("row_limit", [cpu_kernel.ROW_LIMIT, 8], ids=["rows-in-cache", "long-rows"])
 @pytest.mark.parametrize("config", ["adamp", "adamp-nesterov", "sgdp-nesterov", "sgdp-damp-max"])
 def test_fused_kernel_takes_each_outcome(
     config: str, row_limit: int, monkeypatch: pytest.MonkeyPatch, path_spy: PathSpy
@@ -696,7 +693,7 @@ def test_fused_kernel_takes_each_outcome(
     (65536 elements), on two threads, matches the plain path: projected per row (AdamP row
     by row with its row buffer, or with ``row_limit`` 8 the second pass that recomputes the
     direction), projected as a whole, not projected. AdamP's scratch is one row per thread."""
-    monkeypatch.setattr(fused_kernel, "ROW_LIMIT", row_limit)
+    monkeypatch.setattr(cpu_kernel, "ROW_LIMIT", row_limit)
     shapes = [(96, 8, 9, 10), (300, 230), (80, 900)]  # 69120, 69000 and 72000 elements
     cls, hyper = CONFIGS[config]
     threads = torch.get_num_threads()
@@ -720,27 +717,43 @@ def test_fused_kernel_takes_each_outcome(
                 opt.step()
     finally:
         torch.set_num_threads(threads)
-    path_spy.assert_only(all_params(opts["fused"]), "kernel")
+    path_spy.assert_only(all_params(opts["fused"]), "cpu-kernel")
     assert_same_state(opts["plain"], opts["fused"], **F64)
     sizes = {name: b.numel() for (name, _, _), b in opts["fused"]._workspace._buffers.items()}
     assert sizes == ({"row": 2 * min(row_limit, 900)} if cls is AdamP else {}), sizes
 
 
 def _default_path_statistics(p: Tensor, g: Tensor) -> RowStatistics:
-    """The row statistics of ``[rows, length]`` matrices as the default path computes
-    them (its row dot products may differ from ``decide``'s in the last bit)."""
+    """The row statistics of ``[rows, length]`` matrices as the ``cpu`` backend's larger
+    tensors compute them (:func:`adampx.backends.cpu.large.row_dots`: its row dot products
+    may differ from ``decide``'s in the last bit)."""
     return RowStatistics(
-        gp=torch_fused._row_dots(p, g, None).clone(),
+        gp=large.row_dots(p, g, None).clone(),
         g_norm=torch.linalg.vector_norm(g, dim=1),
         p_norm=torch.linalg.vector_norm(p, dim=1),
         row_length=p.shape[1],
     )
 
 
+def _default_path_test(
+    p: Tensor, g: Tensor, delta: float, workspace: Workspace | None
+) -> tuple[bool, bool]:
+    """``(channel, layer)`` of the ``cpu`` backend's test of one larger tensor
+    (:func:`adampx.backends.cpu.large._test`, whose outcome the step reads as Python values)
+    on ``[rows, length]`` matrices."""
+    step = Step(
+        optimizer="adamp", lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, delta=delta,
+        wd_ratio=0.1, nesterov=False, maximize=False, projection=True,
+    )  # fmt: skip
+    tested = large._test(step, p, p, g, 0.0, workspace)
+    assert isinstance(tested.channel, bool) and isinstance(tested.layer, bool)
+    return tested.channel, tested.layer
+
+
 def test_default_path_test_compares_in_the_tensor_dtype() -> None:
     """A float32 cosine that equals the threshold rounded to float32 fails the test (``cos <
-    threshold`` is false in float32), in the default path's test as in ``decide``, though
-    the threshold in double is a little above it. The cosine is the one the default path
+    threshold`` is false in float32), in the ``cpu`` backend's test as in ``decide``, though
+    the threshold in double is a little above it. The cosine is the one the ``cpu`` backend
     computes (its row dot products may differ from ``decide``'s in the last bit)."""
     p, g = _random((1, 50), 0, torch.float32), _random((1, 50), 1, torch.float32)
     stats = _default_path_statistics(p, g)
@@ -751,40 +764,32 @@ def test_default_path_test_compares_in_the_tensor_dtype() -> None:
     assert cos.item() < delta / math.sqrt(50)
     reference = decide(stats, delta, 1e-8)
     assert not bool(reference.channel) and not bool(reference.layer)
-    tester = torch_fused._Tester(
-        delta=delta, eps=1e-8, wd_ratio=0.1, decay=0.0, decisions=None, workspace=None
-    )
-    outcome = tester(p, p, g)
-    assert (outcome.channel, outcome.layer) == (False, False)
+    assert _default_path_test(p, g, delta, None) == (False, False)
     # a hair above the tie, both pass
     above = (cos.item() + spacing) * math.sqrt(50)
     assert bool(decide(stats, above, 1e-8).channel)
-    tester.delta = above
-    assert tester(p, p, g).channel
+    assert _default_path_test(p, g, above, None)[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows", [2, 7, 300])
 def test_default_path_layer_view_is_decides(rows: int, dtype: torch.dtype) -> None:
-    """The default path's layer view (its whole-tensor norms from the row norms in one
+    """The ``cpu`` backend's layer view (its whole-tensor norms from the row norms in one
     call) has ``decide``'s roundings: with the threshold at ``decide``'s layer cosine
     rounded to the dtype, both fail; a spacing above it, both pass. The channel view fails
     here (one row's gradient is almost along its weights)."""
     p, g = _random((rows, 40), 2, dtype), _random((rows, 40), 3, dtype)
     g[0] = p[0] + 1e-3 * g[0]
-    tester = torch_fused._Tester(
-        delta=1.0, eps=1e-8, wd_ratio=0.1, decay=0.0, decisions=None, workspace=Workspace()
-    )
+    workspace = Workspace()
     stats = _default_path_statistics(p, g)
     cos = decide(stats, 1.0, 1e-8).cosine_layer
     spacing = (torch.nextafter(cos, torch.tensor(math.inf, dtype=dtype)) - cos).item()
     size = math.sqrt(40 * rows)
     for above, expected in ((spacing / 4, False), (spacing, True)):
-        tester.delta = (cos.item() + above) * size
-        reference = decide(stats, tester.delta, 1e-8)
+        delta = (cos.item() + above) * size
+        reference = decide(stats, delta, 1e-8)
         assert not bool(reference.channel) and bool(reference.layer) is expected
-        outcome = tester(p, p, g)
-        assert (outcome.channel, outcome.layer) == (False, expected)
+        assert _default_path_test(p, g, delta, workspace) == (False, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -792,23 +797,24 @@ def test_default_path_layer_view_is_decides(rows: int, dtype: torch.dtype) -> No
 def test_row_dots_are_the_row_sums_of_the_product(
     shape: tuple[int, int], dtype: torch.dtype
 ) -> None:
-    """The default path's row dot products (``torch.sparse.sampled_addmm`` at the diagonal)
-    against ``(a·b).sum(1)`` in float64, for whole matrices and row blocks (slices); the two
-    slots are separate results; a zero row and an infinity stay in their rows."""
+    """The ``cpu`` backend's row dot products (:func:`adampx.backends.cpu.large.row_dots`,
+    ``torch.sparse.sampled_addmm`` at the diagonal) against ``(a·b).sum(1)`` in float64, for
+    whole matrices and row blocks (slices); the two slots are separate results; a zero row
+    and an infinity stay in their rows."""
     a, b = _random(shape, 0, dtype), _random(shape, 1, dtype)
     workspace = Workspace()
     truth = (a.double() * b.double()).sum(1)
     tol = dict(rtol=1e-5, atol=1e-5 * shape[1] ** 0.5) if dtype == torch.float32 else F64
-    first = torch_fused._row_dots(a, b, workspace, slot=0)
-    second = torch_fused._row_dots(a, a, workspace, slot=1)
+    first = large.row_dots(a, b, workspace, slot=0)
+    second = large.row_dots(a, a, workspace, slot=1)
     torch.testing.assert_close(first.double(), truth, **tol)
     torch.testing.assert_close(second.double(), (a.double() ** 2).sum(1), **tol)
     if shape[0] > 1:  # a block of rows, as the default path cuts large tensors
-        block = torch_fused._row_dots(a[1:], b[1:], workspace, slot=1)
+        block = large.row_dots(a[1:], b[1:], workspace, slot=1)
         torch.testing.assert_close(block.double(), truth[1:], **tol)
     a[0].zero_()
     b[-1, 0] = math.inf if shape[0] > 1 else 0.0
-    special = torch_fused._row_dots(a, b, workspace).double()
+    special = large.row_dots(a, b, workspace).double()
     assert special[0] == 0
     if shape[0] > 1:
         assert not special[-1].isfinite()
@@ -824,7 +830,7 @@ def test_row_dots_need_their_outputs_written_in_place(monkeypatch: pytest.Monkey
         torch, "sparse_csr_tensor", lambda c, i, v, *a, **k: real_csr(c, i, v.clone(), *a, **k)
     )
     with pytest.raises(RuntimeError, match="write into the values it was given"):
-        torch_fused._diagonal(5, torch.float32, None)
+        large.diagonal(5, torch.float32, None)
 
 
 @pytest.mark.parametrize("cls", [AdamP, SGDP])
@@ -952,46 +958,128 @@ def _step_once(opt: torch.optim.Optimizer) -> None:
 @pytest.mark.parametrize(
     ("cls", "hyper", "impl"),
     [
-        (AdamP, dict(lr=1e-2), "torch_fused"),
-        (AdamP, dict(lr=1e-2, foreach=False), "torch_fused"),
-        (AdamP, dict(lr=1e-2, nesterov=True), "plain"),
-        (AdamP, dict(lr=1e-2, fused=True), "kernel"),
-        (AdamP, dict(lr=1e-2, nesterov=True, fused=True), "kernel"),
-        (SGDP, dict(lr=0.1, momentum=0.9), "torch_fused"),
-        (SGDP, dict(lr=0.1), "plain"),
-        (SGDP, dict(lr=0.1, fused=True), "kernel"),
-        (SGDP, dict(lr=0.1, momentum=0.9, nesterov=True, fused=True), "kernel"),
+        (AdamP, dict(lr=1e-2), "cpu"),
+        (AdamP, dict(lr=1e-2, foreach=False), "cpu"),
+        (AdamP, dict(lr=1e-2, foreach=True), "cpu"),
+        (AdamP, dict(lr=1e-2, nesterov=True), "eager"),
+        (AdamP, dict(lr=1e-2, nesterov=True, foreach=True), "foreach"),
+        (AdamP, dict(lr=1e-2, fused=True), "cpu-kernel"),
+        (AdamP, dict(lr=1e-2, nesterov=True, fused=True), "cpu-kernel"),
+        (SGDP, dict(lr=0.1, momentum=0.9), "cpu"),
+        (SGDP, dict(lr=0.1), "eager"),
+        (SGDP, dict(lr=0.1, foreach=True), "foreach"),
+        (SGDP, dict(lr=0.1, fused=True), "cpu-kernel"),
+        (SGDP, dict(lr=0.1, momentum=0.9, nesterov=True, fused=True), "cpu-kernel"),
     ],
     ids=[
         "adamp-default",
         "adamp-foreach-false",
+        "adamp-foreach-true",
         "adamp-nesterov-default",
+        "adamp-nesterov-foreach",
         "adamp-fused",
         "adamp-nesterov-fused",
         "sgdp-default",
         "sgdp-no-momentum-default",
+        "sgdp-no-momentum-foreach",
         "sgdp-no-momentum-fused",
         "sgdp-nesterov-fused",
     ],
 )
 def test_which_path_runs_on_cpu(cls: type, hyper: dict, impl: str, path_spy: PathSpy) -> None:
+    """The routing of :mod:`adampx.backends.plan` on CPU tensors: ``cpu`` where torch's fused
+    kernels run the options (whatever the ``foreach`` flag), else the eager math (``eager``
+    on the CPU, ``foreach`` where the flag asks); ``fused=True``: ``cpu-kernel``, every
+    option."""
     opt = cls(_float32_params(), **hyper)
     _step_once(opt)
     path_spy.assert_only(all_params(opt), impl)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["default", "fused"])
+@pytest.mark.parametrize("kept", [True, False], ids=["workspace", "no-workspace"])
+@pytest.mark.parametrize("foreach_flag", [None, False, True], ids=str)
+def test_route_of_cpu_tensors(foreach_flag: bool | None, kept: bool, fused: bool) -> None:
+    """:func:`adampx.backends.plan.route` directly: the chain (``cpu``, then ``flat`` only
+    with a workspace and without ``foreach=False``; ``cpu-kernel`` for ``fused=True``) takes
+    the plain tensors; a transposed one and an empty one fall to the eager math, and options
+    that torch's fused kernels lack send every tensor there, unless ``fused=True``."""
+    params = [*_float32_params(), _random((5, 7), 3, torch.float32).t(), torch.zeros(0, 3)]
+    batch = Batch(
+        params, params, [torch.zeros_like(p) for p in params],
+        [[torch.zeros_like(p) for p in params] for _ in range(2)],
+        [torch.zeros(()) for _ in params],
+    )  # fmt: skip
+    workspace = Workspace() if kept else None
+    defaults = dict(
+        lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, delta=0.1, wd_ratio=0.1,
+        maximize=False, projection=True,
+    )  # fmt: skip
+    fast = "cpu-kernel" if fused else "cpu"
+    math_name = "foreach" if foreach_flag else "eager"
+    chain, imposed = plan.chain(
+        Step(optimizer="adamp", nesterov=False, **defaults),
+        foreach_flag=foreach_flag,
+        fused=fused,
+        workspace=workspace,
+    )
+    expected_chain = ["cpu-kernel"] if fused else ["cpu", "flat"]
+    if not fused and (foreach_flag is False or not kept):
+        expected_chain = ["cpu"]
+    assert ([b.NAME for b in chain], imposed) == (expected_chain, False)
+    taken = [(fast, [0, 1, 2]), (math_name, [3, 4])]
+    # torch's fused kernels have no Nesterov Adam: the default chain takes nothing then
+    refused = taken if fused else [(math_name, [0, 1, 2, 3, 4])]
+    for nesterov, expected in ((False, taken), (True, refused)):
+        routes = plan.route(
+            Step(optimizer="adamp", nesterov=nesterov, **defaults),
+            batch,
+            foreach_flag=foreach_flag,
+            fused=fused,
+            workspace=workspace,
+        )
+        assert [(b.NAME, indices) for b, indices in routes] == expected, nesterov
+
+
+def test_forced_backend_takes_every_tensor_or_refuses(path_spy: PathSpy) -> None:
+    """Inside ``adampx.backends.force(name)`` every tensor takes backend ``name`` (the chain
+    is that backend alone, imposed); a tensor it cannot take, or options it does not run,
+    are a ``ValueError`` instead of another backend."""
+    step = Step(
+        optimizer="adamp", lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+        delta=0.1, wd_ratio=0.1, nesterov=False, maximize=False, projection=True,
+    )  # fmt: skip
+    for name in ("eager", "foreach", "cpu", "flat", "cpu-kernel"):
+        with adampx.backends.force(name):
+            chain, imposed = plan.chain(step, foreach_flag=None, fused=False, workspace=None)
+            assert ([b.NAME for b in chain], imposed) == ([name], True)
+            opt = AdamP(_float32_params(), lr=1e-2)
+            _step_once(opt)
+        path_spy.assert_only(all_params(opt), name)
+        path_spy.clear()
+    transposed = _random((5, 7), 0, torch.float32).t().requires_grad_()
+    opt = AdamP([transposed], lr=1e-2)
+    with adampx.backends.force("cpu"), pytest.raises(ValueError, match=r"'cpu' cannot step"):
+        _step_once(opt)
+    opt = AdamP(_float32_params(), lr=1e-2, nesterov=True)
+    with adampx.backends.force("cpu"), pytest.raises(ValueError, match="AdamP with nesterov"):
+        _step_once(opt)
+    assert not any(path_spy.seen.values())
+
+
 def test_forced_plain_path_is_plain(path_spy: PathSpy) -> None:
-    """The harness: ``make_opt(..., "plain", ...)`` really takes the plain per-tensor code."""
+    """The harness: ``make_opt(..., "plain", ...)`` really takes the ``eager`` backend."""
     for cls, hyper in ((AdamP, dict(lr=1e-2)), (SGDP, dict(lr=0.1, momentum=0.9))):
         opt = make_opt(cls, "plain", _float32_params(), **hyper)
         _step_once(opt)
-        path_spy.assert_only(all_params(opt), "plain")
+        path_spy.assert_only(all_params(opt), "eager")
 
 
 @pytest.mark.parametrize("cls", [AdamP, SGDP])
 def test_transposed_param_falls_back_with_fused(cls: type, path_spy: PathSpy) -> None:
-    """A transposed view is no dense layout the kernel takes: that param alone runs the plain
-    code, the others the kernel, and the numbers are the plain path's."""
+    """A transposed view is no dense layout the kernel takes: that param alone takes the
+    eager math (``eager``), the others the kernel (``cpu-kernel``), and the numbers are the
+    plain path's."""
     hyper = dict(lr=1e-2, weight_decay=0.1) if cls is AdamP else dict(lr=0.05, momentum=0.9)
 
     def params() -> list[Tensor]:
@@ -1006,8 +1094,8 @@ def test_transposed_param_falls_back_with_fused(cls: type, path_spy: PathSpy) ->
                 p.grad = make_grad(p, k, j)
             opt.step()
     transposed, *others = all_params(opts["fused"])
-    path_spy.assert_only([transposed], "plain")
-    path_spy.assert_only(others, "kernel")
+    path_spy.assert_only([transposed], "eager")
+    path_spy.assert_only(others, "cpu-kernel")
     assert transposed.stride() == (1, 7)
     assert_same_state(opts["plain"], opts["fused"], **F64)
 
@@ -1015,7 +1103,8 @@ def test_transposed_param_falls_back_with_fused(cls: type, path_spy: PathSpy) ->
 @pytest.mark.parametrize("cls", [AdamP, SGDP])
 def test_tensor_subclasses_fall_back(cls: type, path_spy: PathSpy) -> None:
     """A subclass param (with a plain gradient) and a plain param with a subclass gradient
-    take the plain code; a plain param beside them takes the fast path."""
+    take the eager math (``eager``); a plain param beside them takes the ``cpu`` backend
+    (``cpu-kernel`` with ``fused=True``)."""
 
     class Marked(Tensor):
         pass
@@ -1033,20 +1122,30 @@ def test_tensor_subclasses_fall_back(cls: type, path_spy: PathSpy) -> None:
             assert type(marked.grad) is Tensor and type(marked_grad.grad) is Marked
             opt.step()
         assert type(marked) is Marked
-        path_spy.assert_only([marked, marked_grad], "plain")
-        path_spy.assert_only([plain], "kernel" if fused else "torch_fused")
+        path_spy.assert_only([marked, marked_grad], "eager")
+        path_spy.assert_only([plain], "cpu-kernel" if fused else "cpu")
 
 
-def test_compiled_step_takes_the_plain_code(
+def test_compiled_step_takes_the_eager_math(
     monkeypatch: pytest.MonkeyPatch, path_spy: PathSpy
 ) -> None:
     """Under torch.compile (simulated: ``torch.compiler.is_compiling()`` answers True) torch's
-    fused kernels have no fake implementation, so the default path runs the plain code."""
+    fused kernels and the C kernel cannot be traced, so every step runs the eager math:
+    ``eager`` on the CPU, ``foreach`` where the flag asks, with ``fused=True`` too, and
+    whatever ``adampx.backends.force`` says."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     for cls, hyper in ((AdamP, dict(lr=1e-2)), (SGDP, dict(lr=0.1, momentum=0.9))):
-        opt = cls(_float32_params(), **hyper)
-        _step_once(opt)
-        path_spy.assert_only(all_params(opt), "plain")
+        for flags, forced, impl in (
+            ({}, None, "eager"),
+            (dict(fused=True), None, "eager"),
+            (dict(foreach=True), None, "foreach"),
+            ({}, "cpu", "eager"),
+        ):
+            path_spy.clear()
+            opt = cls(_float32_params(), **hyper, **flags)
+            with adampx.backends.force(forced) if forced else contextlib.nullcontext():
+                _step_once(opt)
+            path_spy.assert_only(all_params(opt), impl)
 
 
 # ----------------------------------------------------------------------- (d) statistics
@@ -1153,7 +1252,6 @@ def _cpu_params() -> list[Tensor]:
     [
         (dict(fused=True, foreach=True), _cpu_params, r"fused=True with foreach=True"),
         (dict(fused=True, capturable=True), _cpu_params, r"fused=True with capturable=True"),
-        (dict(fused=True), _meta_params, r"fused=True for params on meta.*CPU"),
         (
             dict(capturable=True, track_statistics=True),
             _cpu_params,
@@ -1167,7 +1265,6 @@ def _cpu_params() -> list[Tensor]:
     ids=[
         "fused+foreach",
         "fused+capturable",
-        "fused-meta",
         "capturable+statistics",
         "fused-str",
         "fused-int",
@@ -1194,14 +1291,35 @@ def test_valid_flags(cls: type) -> None:
     ):
         opt = cls(_cpu_params(), lr=0.1, **kwargs)
         assert all(opt.param_groups[0][key] == value for key, value in kwargs.items())
-    cls(_meta_params(), lr=0.1, fused=False)  # only fused=True needs CPU params
+    cls(_meta_params(), lr=0.1, fused=False)
+    # fused=True needs CPU params only when it steps (see test_fused_meta_params_fail_at_step)
+    cls(_meta_params(), lr=0.1, fused=True)
+
+
+@pytest.mark.parametrize("cls", [AdamP, SGDP])
+def test_fused_meta_params_fail_at_step(cls: type, path_spy: PathSpy) -> None:
+    """``fused=True`` on params of another device than the CPU (the meta device here)
+    constructs, as torch's optimizers do (a model built on the meta device may get its
+    optimizer before it is materialised), builds no kernel, and its step is a ``ValueError``
+    that names the device and says the kernel is for CPU params; nothing was stepped."""
+    params = _meta_params()
+    with mock.patch.object(cpu_kernel, "load", side_effect=AssertionError("built a kernel")):
+        opt = cls(params, lr=0.1, fused=True)
+        opt.add_param_group({"params": _meta_params(), "fused": True, "lr": 0.2})
+    assert [group["fused"] for group in opt.param_groups] == [True, True]
+    for p in all_params(opt):
+        p.grad = torch.empty_like(p)
+    with pytest.raises(ValueError, match=r"'cpu-kernel' cannot step .* on meta.*CPU") as error:
+        opt.step()
+    assert "fused=True is for CPU params" in str(error.value)
+    assert not any(path_spy.seen.values())
 
 
 @pytest.mark.parametrize("cls", [AdamP, SGDP])
 def test_rejected_fused_group_is_not_added(cls: type) -> None:
     opt = cls(_cpu_params(), lr=0.1)
-    with pytest.raises(ValueError, match="fused=True for params on meta"):
-        opt.add_param_group({"params": _meta_params(), "fused": True})
+    with pytest.raises(ValueError, match="fused=True with foreach=True"):
+        opt.add_param_group({"params": _cpu_params(), "fused": True, "foreach": True})
     with pytest.raises(ValueError, match="fused=True with capturable=True"):
         opt.add_param_group({"params": _cpu_params(), "fused": True, "capturable": True})
     assert len(opt.param_groups) == 1
@@ -1217,14 +1335,15 @@ def test_missing_compiler_raises_kernel_build_error(
     with monkeypatch.context() as m:
         m.setenv("CC", str(tmp_path / "no-such-cc"))
         m.setenv("ADAMPX_KERNEL_CACHE", str(cache))
-        with pytest.raises(fused_kernel.KernelBuildError, match=r"C compiler.*no-such-cc"):
-            fused_kernel.load()
+        with pytest.raises(cpu_kernel.KernelBuildError, match=r"C compiler.*no-such-cc"):
+            cpu_kernel.load()
         # the constructor builds the kernel, so the error surfaces there, not in a step
-        with pytest.raises(fused_kernel.KernelBuildError, match="no-such-cc"):
+        assert adampx.KernelBuildError is cpu_kernel.KernelBuildError
+        with pytest.raises(adampx.KernelBuildError, match="no-such-cc"):
             AdamP(_cpu_params(), fused=True)
         assert not list(cache.glob("**/*.so"))
-    path = fused_kernel.load()  # back to the usual cache, for the tests that follow
-    assert path.exists() and path.parent == fused_kernel.cache_dir()
+    path = cpu_kernel.load()  # back to the usual cache, for the tests that follow
+    assert path.exists() and path.parent == cpu_kernel.cache_dir()
 
 
 def test_failing_compiler_raises_kernel_build_error(
@@ -1236,16 +1355,16 @@ def test_failing_compiler_raises_kernel_build_error(
     with monkeypatch.context() as m:
         m.setenv("CC", false)
         m.setenv("ADAMPX_KERNEL_CACHE", str(tmp_path))
-        with pytest.raises(fused_kernel.KernelBuildError, match="building the kernel failed"):
-            fused_kernel.load()
+        with pytest.raises(cpu_kernel.KernelBuildError, match="building the kernel failed"):
+            cpu_kernel.load()
         assert not list(tmp_path.glob("**/*.so"))
-    fused_kernel.load()
+    cpu_kernel.load()
 
 
 def test_kernel_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     with monkeypatch.context() as m:
         m.setenv("ADAMPX_KERNEL_CACHE", str(tmp_path))
-        path = fused_kernel.load()
+        path = cpu_kernel.load()
         assert path.parent == tmp_path and path.suffix == ".so" and path.exists()
         assert list(tmp_path.iterdir()) == [path]  # no build leftovers
         mtime = path.stat().st_mtime_ns
@@ -1253,18 +1372,18 @@ def test_kernel_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
         def no_build(*args: Any) -> None:
             raise AssertionError("the cached kernel was rebuilt")
 
-        m.setattr(fused_kernel, "_compile", no_build)
-        assert fused_kernel.load() == path
+        m.setattr(cpu_kernel, "_compile", no_build)
+        assert cpu_kernel.load() == path
         assert path.stat().st_mtime_ns == mtime
         # and the freshly built kernel steps like the plain path
         plain, _ = run_path(AdamP, "plain", "channels_last", CONFIGS["adamp"][1], steps=2)
         fused, _ = run_path(AdamP, "fused", "channels_last", CONFIGS["adamp"][1], steps=2)
         assert_same_state(plain, fused, **F64)
-    restored = fused_kernel.load()
-    assert restored.parent == fused_kernel.cache_dir() != tmp_path
+    restored = cpu_kernel.load()
+    assert restored.parent == cpu_kernel.cache_dir() != tmp_path
 
 
-def test_fused_step_counter_of_another_dtype_takes_the_eager_math() -> None:
+def test_fused_step_counter_of_another_dtype_takes_the_eager_math(path_spy: PathSpy) -> None:
     """The C kernel increments a float32 step in place; a float64 step (edited state) must not
     be read as float32: that tensor takes the eager math and still steps like AdamW."""
     torch.manual_seed(0)
@@ -1278,6 +1397,8 @@ def test_fused_step_counter_of_another_dtype_takes_the_eager_math() -> None:
         ours.grad, ref.grad = g.clone(), g.clone()
         opt.step()
         opt_ref.step()
+        assert path_spy.impls_of(ours) == {"cpu-kernel" if k == 0 else "eager"}, k
+        path_spy.clear()
         if k == 0:
             opt.state[ours]["step"] = opt.state[ours]["step"].double()
     assert opt.state[ours]["step"].dtype == torch.float64
@@ -1285,23 +1406,31 @@ def test_fused_step_counter_of_another_dtype_takes_the_eager_math() -> None:
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
-def test_unwritable_kernel_cache_is_a_build_error(monkeypatch, tmp_path) -> None:
+def test_unwritable_kernel_cache_is_a_build_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
     """A cache directory that cannot be created names the variable that moves it."""
-    import adampx.fused
-
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    monkeypatch.setenv("ADAMPX_KERNEL_CACHE", str(blocker / "cache"))
-    try:
-        with pytest.raises(adampx.fused.KernelBuildError, match="ADAMPX_KERNEL_CACHE"):
-            adampx.fused.load()
-    finally:
-        monkeypatch.undo()
-        adampx.fused.load()
+    with monkeypatch.context() as m:
+        m.setenv("ADAMPX_KERNEL_CACHE", str(blocker / "cache"))
+        with pytest.raises(cpu_kernel.KernelBuildError, match="ADAMPX_KERNEL_CACHE"):
+            cpu_kernel.load()
+    cpu_kernel.load()
+
+
+def test_fused_module_is_a_deprecated_alias(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``adampx.fused``, where the kernel's driver was, still imports, with a
+    ``DeprecationWarning``, and gives the ``cpu-kernel`` backend's build functions."""
+    monkeypatch.delitem(sys.modules, "adampx.fused", raising=False)
+    with pytest.warns(DeprecationWarning, match=r"adampx\.fused is deprecated"):
+        alias = importlib.import_module("adampx.fused")
+    assert alias.load is cpu_kernel.load and alias.cache_dir is cpu_kernel.cache_dir
+    assert alias.KernelBuildError is adampx.KernelBuildError is cpu_kernel.KernelBuildError
 
 
 def test_default_path_warns_nothing() -> None:
-    """The default path's row dot products use a sparse CSR pattern, whose first use makes
+    """The ``cpu`` backend's row dot products use a sparse CSR pattern, whose first use makes
     torch warn that sparse CSR support is in beta: the user, who asked for none, must not
     see it (a fresh process, where torch has not warned yet, with warnings as errors)."""
     script = (

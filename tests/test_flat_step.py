@@ -1,18 +1,20 @@
-"""The flat multi-tensor step that CUDA tensors take (``adampx._flat_step``), run on the CPU.
+"""The ``flat`` backend (``adampx.backends.flat``), the step CUDA tensors take, run on the CPU.
 
 Its numbers are checked against the reference package in ``test_parity_reference.py`` and
-``test_parity_torch.py`` (their ``flat`` runs, through ``conftest.force_flat_step``). Here:
+``test_parity_torch.py`` (their ``flat`` runs, through ``conftest.backend_run``). Here:
 which tensors it is chosen for, that it never reads a value back to the host, that its number
 of operations does not grow with the number of tensors, how it cuts tensors into buckets
-and runs, and what memory it keeps.
+and runs, what memory it keeps, and that the test of many tensors at once
+(:class:`adampx.algorithm.segments.Segments`, padded or not) decides as the per-tensor test.
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import itertools
 import math
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,14 +22,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import adampx
 from adampx import SGDP, AdamP
-from adampx import _flat_step as flat_step
-from adampx import _segments as segments
-from adampx import _torch_fused as torch_fused
-from conftest import force_flat_step
-
-adamp_module = importlib.import_module("adampx.adamp")
-sgdp_module = importlib.import_module("adampx.sgdp")
+from adampx.algorithm import projection, segments
+from adampx.algorithm.spec import Step
+from adampx.backends import cpu, flat, plan
+from adampx.util.tensors import Batch, step_tensor
+from adampx.util.workspace import Workspace
 
 OPTIMIZERS = {
     "adamp": lambda ps, **kw: AdamP(ps, lr=1e-2, weight_decay=1e-2, **kw),
@@ -40,6 +41,7 @@ VIEWS = {
     "view", "as_strided", "slice", "select", "unsqueeze", "t", "transpose", "split",
     "split_with_sizes", "alias", "expand", "detach", "unbind", "_unsafe_view", "permute",
 }  # fmt: skip
+CPU = torch.device("cpu")
 
 
 class Ops(TorchDispatchMode):
@@ -69,31 +71,50 @@ def model_params(count: int, seed: int = 0) -> list[Tensor]:
     return params
 
 
-def spy_flat(monkeypatch) -> list[int]:
-    """Calls of the flat step's AdamP and SGDP functions (a list that grows per call)."""
+@contextlib.contextmanager
+def flat_forced(monkeypatch: pytest.MonkeyPatch, bucket_elements: int) -> Iterator[None]:
+    """Every step inside takes the ``flat`` backend (CPU tensors included), in buckets of
+    about ``bucket_elements`` elements (``conftest.backend_run("flat", ...)`` with another
+    bucket size)."""
+    monkeypatch.setattr(flat, "BUCKET_ELEMENTS", bucket_elements)
+    with adampx.backends.force("flat"):
+        yield
+
+
+def spy_flat(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Calls of the flat backend's AdamP and SGDP steps: the number of params of each."""
     calls: list[int] = []
     for name in ("adamp_", "sgdp_"):
-        real = getattr(flat_step, name)
+        real = getattr(flat, name)
 
-        def spy(*args: Any, _real: Any = real, **kwargs: Any) -> None:
-            calls.append(len(args[0]))
-            _real(*args, **kwargs)
+        def spy(step: Any, batch: Batch, workspace: Any, _real: Any = real) -> None:
+            calls.append(len(batch.params))
+            _real(step, batch, workspace)
 
-        monkeypatch.setattr(torch_fused, name, spy)
+        monkeypatch.setattr(flat, name, spy)
     return calls
+
+
+def count_segment_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every :class:`~adampx.algorithm.segments.Segments` built (each copies its index tensors
+    to the device) appends to the returned list."""
+    built: list[int] = []
+    real = segments.Segments
+    monkeypatch.setattr(segments, "Segments", lambda *a, **k: built.append(1) or real(*a, **k))
+    return built
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_flat_step_never_reads_a_value_on_the_host(name: str, monkeypatch) -> None:
     """No ``.item()``, ``bool(tensor)`` or the like in a step: on CUDA each would be a sync."""
-    force_flat_step(monkeypatch, bucket_elements=200)
     calls = spy_flat(monkeypatch)
     params = model_params(6)
     opt = OPTIMIZERS[name](params)
-    opt.step()  # builds the index tensors it keeps (the CUDA check also skips this step)
-    with Ops() as ops:
-        opt.step()
-        opt.step()
+    with flat_forced(monkeypatch, bucket_elements=200):
+        opt.step()  # builds the index tensors it keeps (the CUDA check also skips this step)
+        with Ops() as ops:
+            opt.step()
+            opt.step()
     assert calls, "the flat step did not run"
     assert not HOST_READS & set(ops.names), ops.names
     # nor a tensor built from host data (``torch.tensor``): a copy to the device per step
@@ -108,21 +129,23 @@ def test_flat_step_never_reads_a_value_on_the_host(name: str, monkeypatch) -> No
 def test_flat_step_operations_do_not_grow_with_the_tensor_count(name: str, monkeypatch) -> None:
     """10 or 100 tensors in one bucket: the same kernels (the point of the flat step on a GPU,
     where each kernel launch costs microseconds whatever its size)."""
-    force_flat_step(monkeypatch, bucket_elements=1 << 20)
+    calls = spy_flat(monkeypatch)
     counts = []
-    for count in (10, 100):
-        opt = OPTIMIZERS[name](model_params(count))
-        opt.step()
-        with Ops() as ops:
+    with flat_forced(monkeypatch, bucket_elements=1 << 20):
+        for count in (10, 100):
+            opt = OPTIMIZERS[name](model_params(count))
             opt.step()
-        counts.append(ops.kernels())
+            with Ops() as ops:
+                opt.step()
+            counts.append(ops.kernels())
+    assert calls, "the flat step did not run"
     assert counts[0] == counts[1], counts
     # and far fewer than the eager multi-tensor math, which tests tensor by tensor
-    monkeypatch.setattr(torch_fused, "supported", lambda *args, **kwargs: False)
     opt = OPTIMIZERS[name](model_params(100), foreach=True)
-    opt.step()
-    with Ops() as eager:
+    with adampx.backends.force("foreach"):
         opt.step()
+        with Ops() as eager:
+            opt.step()
     assert eager.kernels() > 10 * counts[1], (eager.kernels(), counts)
 
 
@@ -132,14 +155,14 @@ def test_buckets_and_runs_cover_every_tested_tensor_once() -> None:
     tested = [k for k, p in enumerate(params) if p.dim() > 1]
     limit = 200
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(flat_step, "BUCKET_ELEMENTS", limit)
-        order, segs, buckets = flat_step._plan(ps, tested, None)
+        m.setattr(flat, "BUCKET_ELEMENTS", limit)
+        order, segs, buckets = flat._plan(ps, tested, None)
     assert sorted(order) == tested
     row_lengths = [ps[k].numel() // ps[k].shape[0] for k in order]
     assert row_lengths == sorted(row_lengths)
     assert [k for b in buckets for k in b.bucket] == order
     total = sum(ps[k].numel() for k in order)
-    cap = max(limit, -(-total // flat_step.BUCKETS))
+    cap = max(limit, -(-total // flat.BUCKETS))
     assert len(buckets) > 1
     rows = 0
     for b in buckets:
@@ -155,7 +178,7 @@ def test_buckets_and_runs_cover_every_tested_tensor_once() -> None:
 
 
 def test_runs_merge_equal_row_lengths() -> None:
-    runs = flat_step._runs([(2, 3), (4, 3), (1, 5), (3, 5), (2, 3)])
+    runs = flat._runs([(2, 3), (4, 3), (1, 5), (3, 5), (2, 3)])
     assert [(r.elements, r.rows, r.shape) for r in runs] == [
         (slice(0, 18), slice(0, 6), (6, 3)),
         (slice(18, 38), slice(6, 10), (4, 5)),
@@ -163,37 +186,104 @@ def test_runs_merge_equal_row_lengths() -> None:
     ]
 
 
-def test_padded_reductions_match_segment_reduce() -> None:
-    """The reductions used off the CPU against ``torch.segment_reduce`` (the CPU's)."""
+def test_padded_reductions_match_segment_reduce_and_direct_sums() -> None:
+    """The padded reductions (what the flat backend uses, for GPUs) and
+    ``torch.segment_reduce`` (``padded=False``) against each tensor's rows reduced on their
+    own, over the last dim of a batch of row vectors and of a single one."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (1, 2), (5, 7), (2, 2)]
-    x = torch.randn(11, 2, generator=gen, dtype=torch.float64)
-    x[4, 1] = float("nan")  # a NaN stays in its tensor
-    cpu = segments.segments(shapes, torch.device("cpu"))
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(segments, "SEGMENT_REDUCE_DEVICES", ())
-        padded = segments.segments(shapes, torch.device("cpu"))
-    assert cpu.padded is None and padded.padded is not None
+    lengths = [3, 1, 5, 2]
+    x = torch.randn(2, 11, generator=gen, dtype=torch.float64)
+    x[1, 4] = float("nan")  # a NaN stays in its tensor (the third)
+    plain = segments.Segments(shapes, CPU, padded=False)
+    padded = segments.Segments(shapes, CPU, padded=True)
+    assert plain.padded is None and padded.padded is not None
     for how in ("sum", "max"):
-        expected = torch.segment_reduce(x, how, lengths=torch.tensor([3, 1, 5, 2]))
-        torch.testing.assert_close(segments._reduce(x, padded, how), expected, equal_nan=True)
-        torch.testing.assert_close(segments._reduce(x, cpu, how), expected, equal_nan=True)
+        for v in (x, x[0]):
+            parts = v.split(lengths, -1)
+            direct = [c.sum(-1) if how == "sum" else c.amax(-1) for c in parts]
+            expected = torch.stack(direct, -1)
+            counts = torch.tensor(lengths).expand(*v.shape[:-1], -1)
+            reduced = torch.segment_reduce(v, how, lengths=counts, axis=v.dim() - 1)
+            torch.testing.assert_close(reduced, expected, equal_nan=True)
+            for segs in (padded, plain):
+                torch.testing.assert_close(getattr(segs, how)(v), expected, equal_nan=True)
+        for segs in (padded, plain):
+            assert getattr(segs, how)(x)[1].isnan().tolist() == [False, False, True, False]
+
+
+def _scale_invariance_cases() -> tuple[list[tuple[int, ...]], list[Tensor], list[Tensor]]:
+    """Weights and gradients for which the channel view fires (gradient orthogonal to each
+    row, or zero), the layer view fires (orthogonal to the whole tensor only), or neither."""
+    gen = torch.Generator().manual_seed(1)
+    shapes: list[tuple[int, ...]] = [(4, 3, 3, 3), (16, 8), (2, 5), (6, 4), (3, 12), (8, 2, 3)]
+    ps, gs = [], []
+    for t, shape in enumerate(shapes):
+        p = torch.randn(shape, generator=gen, dtype=torch.float64)
+        g = torch.randn(shape, generator=gen, dtype=torch.float64)
+        rows_p, rows_g = p.view(shape[0], -1), g.view(shape[0], -1)
+        if t % 3 == 0:  # channel: orthogonal to every row
+            rows_g -= (rows_g * rows_p).sum(1, keepdim=True) / rows_p.square().sum(1, True) * rows_p
+        elif t % 3 == 1:  # layer: orthogonal to the tensor as a whole
+            g -= (g * p).sum() / p.square().sum() * p
+        ps.append(p)
+        gs.append(g)
+    gs[-1].zero_()  # a zero gradient: the eps clamp, and the channel view fires
+    return shapes, ps, gs
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "segment_reduce"])
+def test_many_tensor_test_matches_a_direct_per_tensor_computation(padded: bool) -> None:
+    """:func:`adampx.algorithm.projection.test` on the concatenated row sums of many tensors
+    (their :class:`Segments`, padded as in the flat backend or with ``segment_reduce``)
+    decides as the test of ``docs/algorithm.md`` computed directly, tensor by tensor, in
+    float64 (and as the same function on one tensor, :class:`OneTensor`)."""
+    shapes, ps, gs = _scale_invariance_cases()
+    delta, eps = 0.1, 1e-8
+    rows = [(p.view(p.shape[0], -1), g.view(g.shape[0], -1)) for p, g in zip(ps, gs, strict=True)]
+    norms = torch.cat([torch.stack((p.norm(dim=1), g.norm(dim=1))) for p, g in rows], 1)
+    gp = torch.cat([(p * g).sum(1) for p, g in rows])
+    segs = segments.Segments(shapes, CPU, padded=padded)
+    assert (segs.padded is not None) == padded
+    outcome = projection.test(norms, gp, segs, delta=delta, eps=eps)
+    seen = set()
+    for t, (p, g) in enumerate(rows):
+        n0, k = p.shape
+        # the direct computation, from the tensors themselves
+        cosines = (p * g).sum(1).abs() / (
+            p.norm(dim=1).clamp_min(eps) * g.norm(dim=1).clamp_min(eps)
+        )
+        max_cosine = cosines.max()
+        cosine_layer = (p * g).sum().abs() / (p.norm().clamp_min(eps) * g.norm().clamp_min(eps))
+        channel = bool(max_cosine < delta / math.sqrt(k))
+        layer = not channel and bool(cosine_layer < delta / math.sqrt(n0 * k))
+        seen.add((channel, layer))
+        assert (bool(outcome.channel[t]), bool(outcome.layer[t])) == (channel, layer), t
+        torch.testing.assert_close(outcome.max_cosine[t], max_cosine, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(outcome.cosine_layer[t], cosine_layer, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(outcome.p_whole[t], p.norm(), rtol=1e-14, atol=0)
+        # the same function on this tensor alone
+        one = projection.test(
+            torch.stack((p.norm(dim=1), g.norm(dim=1))), (p * g).sum(1),
+            projection.OneTensor(n0, k), delta=delta, eps=eps,
+        )  # fmt: skip
+        assert (bool(one.channel), bool(one.layer)) == (channel, layer), t
+    # every outcome occurs: the channel view, the layer view, and neither
+    assert seen == {(True, False), (False, True), (False, False)}, seen
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_index_tensors_are_built_once(name: str, monkeypatch) -> None:
     """The step's index tensors are copied to the device at the first step only: a copy
     from the host inside a captured CUDA graph would fail."""
-    force_flat_step(monkeypatch, bucket_elements=200)
-    built = []
-    real = segments.segments
-    monkeypatch.setattr(segments, "segments", lambda *a: built.append(1) or real(*a))
+    built = count_segment_builds(monkeypatch)
     opt = OPTIMIZERS[name](model_params(6))
-    opt.step()
-    first = len(built)
-    assert first > 0
-    for _ in range(3):
+    with flat_forced(monkeypatch, bucket_elements=200):
         opt.step()
+        first = len(built)
+        assert first > 0
+        for _ in range(3):
+            opt.step()
     assert len(built) == first
 
 
@@ -201,60 +291,81 @@ def test_index_tensors_are_built_once(name: str, monkeypatch) -> None:
 def test_workspace_is_a_fraction_of_the_model(name: str, monkeypatch) -> None:
     """Three flat buffers of at most a quarter of the tested elements each (once that is more
     than the smallest bucket), where torch's AdamW(foreach=True) allocates about the model."""
-    force_flat_step(monkeypatch, bucket_elements=100)
+    calls = spy_flat(monkeypatch)
     params = model_params(40)
     opt = OPTIMIZERS[name](params)
-    opt.step()
+    with flat_forced(monkeypatch, bucket_elements=100):
+        opt.step()
+    assert calls, "the flat step did not run"
     kept = sum(b.numel() for b in opt._workspace._buffers.values())
     tested = sum(p.numel() for p in params if p.dim() > 1)
-    assert kept <= 3 * -(-tested // flat_step.BUCKETS)
+    assert kept <= 3 * -(-tested // flat.BUCKETS)
 
 
-@pytest.mark.parametrize("module", [adamp_module, sgdp_module], ids=["adamp", "sgdp"])
+class _OnCuda(Tensor):
+    """A CPU tensor that says it is on CUDA: how the routing sees a CUDA tensor's compute
+    view (the backends' ``takes`` ask ``is_cpu`` / ``is_cuda``)."""
+
+    @property
+    def is_cpu(self) -> bool:  # type: ignore[override]
+        return False
+
+    @property
+    def is_cuda(self) -> bool:  # type: ignore[override]
+        return True
+
+
+@pytest.mark.parametrize("name", ["adamp", "sgdp"])
 @pytest.mark.parametrize(
-    ("foreach", "workspace", "flat"),
+    ("foreach", "workspace", "takes_flat"),
     [(None, True, True), (True, True, True), (False, True, False), (None, False, False)],
 )
 def test_cuda_tensors_take_the_flat_step_unless_told_otherwise(
-    module: Any, foreach: bool | None, workspace: bool, flat: bool, monkeypatch
+    name: str, foreach: bool | None, workspace: bool, takes_flat: bool
 ) -> None:
     """Which step each device gets: ``foreach=False`` and functional calls without a
-    workspace (where the index tensors would be copied at every step) keep the eager math."""
-    chosen: list[dict[str, Any]] = []
-    monkeypatch.setattr(
-        torch_fused, "kernel_step", lambda impls, params, *a, **k: chosen.append(impls) or []
-    )
-    hyper = dict(nesterov=False) if module is adamp_module else dict(momentum=0.9)
-    states = [[], [], [], []] if module is adamp_module else [[], []]
-    module._kernel_step(
-        [], *states, fused=False, foreach=foreach,
-        workspace=object() if workspace else None, **hyper,
-    )  # fmt: skip
-    (impls,) = chosen
-    expected = flat_step.adamp_ if module is adamp_module else flat_step.sgdp_
-    assert ("cuda" in impls) == flat
-    if flat:
-        assert impls["cuda"] is expected
-    assert impls["cpu"] is (torch_fused.adamp_ if module is adamp_module else torch_fused.sgdp_)
+    workspace (where the index tensors would be copied at every step) keep the eager math;
+    CPU tensors take the ``cpu`` backend either way."""
+    common = dict(lr=0.1, eps=1e-8, weight_decay=1e-2, delta=0.1, wd_ratio=0.1)
+    common |= dict(maximize=False, projection=True)
+    if name == "adamp":
+        step = Step(optimizer="adamp", beta1=0.9, beta2=0.999, nesterov=False, **common)  # type: ignore[arg-type]
+    else:
+        step = Step(optimizer="sgdp", momentum=0.9, dampening=0.0, nesterov=False, **common)  # type: ignore[arg-type]
+    params = [nn.Parameter(torch.randn(4, 3, dtype=torch.float64)) for _ in range(2)]
+    ps = [params[0].detach(), params[1].detach().as_subclass(_OnCuda)]
+    assert ps[0].is_cpu and not ps[1].is_cpu and ps[1].is_cuda
+    gs = [torch.randn(4, 3, dtype=torch.float64) for _ in params]
+    states = [[torch.zeros(4, 3, dtype=torch.float64) for _ in params]]
+    states *= 2 if name == "adamp" else 1
+    steps = [step_tensor(p) for p in params] if name == "adamp" else []
+    batch = Batch(params, ps, gs, [list(s) for s in states], steps)
+    kept = Workspace() if workspace else None
+    candidates, imposed = plan.chain(step, foreach_flag=foreach, fused=False, workspace=kept)
+    assert not imposed
+    assert candidates == ([cpu, flat] if takes_flat else [cpu])
+    routes = plan.route(step, batch, foreach_flag=foreach, fused=False, workspace=kept)
+    chosen = {backend.NAME: indices for backend, indices in routes}
+    eager = plan.eager_math(foreach, params).NAME
+    assert eager in ("eager", "foreach")
+    assert chosen == {"cpu": [0], ("flat" if takes_flat else eager): [1]}
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_changing_delta_rebuilds_nothing_and_changes_the_decision(name: str, monkeypatch) -> None:
     """The thresholds follow ``delta`` on the device: a delta schedule copies nothing to the
     device, and the decisions match a fresh optimizer's with that delta."""
-    force_flat_step(monkeypatch, bucket_elements=200)
-    built = []
-    real = segments.segments
-    monkeypatch.setattr(segments, "segments", lambda *a: built.append(1) or real(*a))
+    built = count_segment_builds(monkeypatch)
     params = model_params(6)
     opt = OPTIMIZERS[name](params, track_statistics=True)
-    opt.step()
-    first = len(built)
     fired = []
-    for delta in (0.0, 10.0, 0.0):
-        opt.param_groups[0]["delta"] = delta
+    with flat_forced(monkeypatch, bucket_elements=200):
         opt.step()
-        fired.append(sum(r.view in ("channel", "layer") for r in opt.statistics()))
+        first = len(built)
+        for delta in (0.0, 10.0, 0.0):
+            opt.param_groups[0]["delta"] = delta
+            opt.step()
+            fired.append(sum(r.view in ("channel", "layer") for r in opt.statistics()))
     assert len(built) == first
     assert fired[0] == 0 and fired[1] > 0 and fired[2] == 0, fired
 
@@ -263,26 +374,22 @@ def test_changing_delta_rebuilds_nothing_and_changes_the_decision(name: str, mon
 def test_index_tensors_are_built_once_with_many_buckets_and_groups(name: str, monkeypatch) -> None:
     """Four param groups of many buckets each: every set of index tensors a step uses stays
     cached (a cache that dropped them would copy to the device, a sync, at every step)."""
-    force_flat_step(monkeypatch, bucket_elements=100)
-    built = []
-    real = segments.segments
-    monkeypatch.setattr(segments, "segments", lambda *a: built.append(1) or real(*a))
+    built = count_segment_builds(monkeypatch)
     groups = [{"params": model_params(12 + 5 * seed, seed=seed)} for seed in range(4)]
     opt = OPTIMIZERS[name](groups)
-    opt.step()
-    first = len(built)
-    assert first > 8  # more sets than a small cache would keep
-    for _ in range(3):
+    with flat_forced(monkeypatch, bucket_elements=100):
         opt.step()
+        first = len(built)
+        assert first > 8  # more sets than a small cache would keep
+        for _ in range(3):
+            opt.step()
     assert len(built) == first
 
 
 def test_index_cache_is_bounded() -> None:
-    from adampx._tensors import Workspace
-
     workspace = Workspace()
     for n in range(3 * Workspace.CONSTANTS):
-        segments.cached_segments(workspace, [(n + 1, 2)], torch.device("cpu"))
+        segments.cached_segments(workspace, [(n + 1, 2)], CPU, padded=True)
     assert len(workspace._constants) == Workspace.CONSTANTS
 
 
@@ -290,30 +397,36 @@ def test_index_cache_is_bounded() -> None:
 @pytest.mark.parametrize("path", ["kernels", "flat"])
 def test_one_element_lr_tensor_of_any_shape(name: str, path: str, monkeypatch) -> None:
     """``lr=torch.tensor([0.1])`` steps as ``lr=0.1`` (it used to raise in SGDP's decay)."""
-    if path == "flat":
-        force_flat_step(monkeypatch, bucket_elements=200)
     lr = 1e-2 if name == "adamp" else 0.1
     cls = AdamP if name == "adamp" else SGDP
     extra: dict[str, Any] = {} if name == "adamp" else dict(momentum=0.9)
     a, b = model_params(4), model_params(4)
     opt_a = cls(a, lr=lr, weight_decay=1e-2, **extra)
     opt_b = cls(b, lr=torch.tensor([lr], dtype=torch.float64), weight_decay=1e-2, **extra)
-    for _ in range(3):
-        opt_a.step()
-        opt_b.step()
+    run = (
+        flat_forced(monkeypatch, bucket_elements=200)
+        if path == "flat"
+        else contextlib.nullcontext()
+    )
+    with run:
+        for _ in range(3):
+            opt_a.step()
+            opt_b.step()
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=0)
 
 
 def test_unit_dims_may_carry_either_stride() -> None:
     """A 1x1 conv weight is contiguous and channels_last at once: its gradient in the other
-    stride form still takes the kernel step."""
+    stride form still takes the kernel steps (the ``cpu`` and ``flat`` backends)."""
     p = torch.randn(8, 4, 1, 1, dtype=torch.float64)
     g = torch.empty_strided((8, 4, 1, 1), (4, 1, 4, 4), dtype=torch.float64).normal_()
     assert p.stride() != g.stride()
-    assert torch_fused.supported(p, p, g, torch.zeros_like(p))
-    # but not a transposed layout
-    assert not torch_fused.supported(p, p, torch.randn(4, 8, 1, 1).transpose(0, 1).double())
+    transposed = torch.randn(4, 8, 1, 1).transpose(0, 1).double()
+    for backend in (cpu, flat):
+        assert backend.takes(p, p, g, [torch.zeros_like(p)], None) is None
+        # but not a transposed layout
+        assert backend.takes(p, p, transposed, [], None) is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -321,13 +434,14 @@ def test_thresholds_are_the_per_tensor_tests_floats(dtype: torch.dtype) -> None:
     """Computed on the device, the thresholds are the doubles ``delta / math.sqrt(k)`` that
     the per-tensor test compares against, rounded once to the dtype."""
     shapes = [(n, k) for n in (1, 3, 7, 64, 1000) for k in (1, 2, 3, 9, 576, 4608, 12345)]
-    segs = segments.segments(shapes, torch.device("cpu"))
-    for delta in (0.1, 0.3, 1.7, 1e-3):
-        expected = torch.tensor(
-            [
-                [delta / math.sqrt(k) for _, k in shapes],
-                [delta / math.sqrt(n * k) for n, k in shapes],
-            ],
-            dtype=dtype,
-        )
-        assert torch.equal(segs.thresholds(delta, dtype), expected)
+    for padded in (True, False):
+        segs = segments.Segments(shapes, CPU, padded=padded)
+        for delta in (0.1, 0.3, 1.7, 1e-3):
+            expected = torch.tensor(
+                [
+                    [delta / math.sqrt(k) for _, k in shapes],
+                    [delta / math.sqrt(n * k) for n, k in shapes],
+                ],
+                dtype=dtype,
+            )
+            assert torch.equal(torch.stack(segs.thresholds(delta, dtype)), expected)

@@ -1,5 +1,5 @@
 """``adampx.inspect``: the probe finds the known scale invariances, reports AdamP's cosine test
-as a direct computation from ALGORITHM.md does, and leaves the model exactly as it was.
+as a direct computation from docs/algorithm.md does, and leaves the model exactly as it was.
 
 Every case uses its own small model so that one weight's invariance cannot leak into another
 (for example a bias-free conv → ReLU feeding a LayerNorm would be layer invariant).
@@ -52,7 +52,7 @@ def fixed_loss(seed: int = 123) -> Callable[[Tensor], Tensor]:
 def direct_decision(
     model: nn.Module, inputs: tuple[Tensor, ...], loss_fn: Callable[[Tensor], Tensor], name: str
 ) -> dict[str, float | str]:
-    """AdamP's test for one weight, computed from ALGORITHM.md on a gradient taken here.
+    """AdamP's test for one weight, computed from docs/algorithm.md on a gradient taken here.
 
     The gradient comes from a copy of the model in training mode, forward on the same inputs
     with the same RNG state as the caller's (so dropout masks match), with the same loss.
@@ -88,7 +88,9 @@ def direct_decision(
     )
 
 
-def by_name(report: adampx.inspection.Report) -> dict[str, adampx.inspection.ParamReport]:
+def by_name(
+    report: adampx.tools.inspection.Report,
+) -> dict[str, adampx.tools.inspection.ParamReport]:
     return {r.name: r for r in report}
 
 

@@ -17,8 +17,8 @@ from torch import nn
 
 import adampx
 from adampx import AdamP, NormMonitor, param_groups
-from adampx.inspection import Report
-from adampx.monitor import NormRecord, read_records
+from adampx.tools.inspection import Report
+from adampx.tools.monitor import NormRecord, read_records
 
 matplotlib.use("Agg")
 
@@ -337,7 +337,7 @@ def test_param_groups_report_missing_parameters() -> None:
 
 
 def test_plots_write_png(tmp_path: Path) -> None:
-    from adampx.plots import plot_norm_curves, plot_norm_growth, plot_projection_fraction
+    from adampx.tools.plots import plot_norm_curves, plot_norm_growth, plot_projection_fraction
 
     runs: dict[str, list[NormRecord]] = {}
     stats: dict[str, list[Any]] = {}

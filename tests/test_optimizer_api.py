@@ -2,7 +2,7 @@
 schedulers, tensor lr, GradScaler, NaN gradients, named params, hooks and maximize.
 
 Numbers are compared with independent references only: the reference package ``adamp``
-(``import adamp as ref``), ``torch.optim`` and the closed forms of ALGORITHM.md.
+(``import adamp as ref``), ``torch.optim`` and the closed forms of docs/algorithm.md.
 """
 
 from __future__ import annotations
@@ -359,7 +359,7 @@ def test_adamp_groups_match_separate_reference_optimizers(foreach):
 def test_sgdp_groups_match_separate_reference_optimizers(foreach):
     model, model_ref = twins()
     first = dict(lr=5e-2, momentum=0.9, weight_decay=0.05, nesterov=True, delta=0.15)
-    # projection=False, dampening 0, no weight decay: torch.optim.SGD (ALGORITHM.md).
+    # projection=False, dampening 0, no weight decay: torch.optim.SGD (docs/algorithm.md).
     second = dict(lr=2e-2, momentum=0.8)
     params = list(model.parameters())
     opt = SGDP(
@@ -490,7 +490,7 @@ def test_nan_gradient_without_scaler_propagates_like_adamw(foreach):
 
     A NaN in one gradient element makes that element's moments NaN and the param element NaN
     (the other elements stay finite). The scale-invariance test of the poisoned tensor sees a
-    NaN cosine, which compares false (ALGORITHM.md: ``max c_i < threshold``), so that tensor
+    NaN cosine, which compares false (docs/algorithm.md: ``max c_i < threshold``), so that tensor
     is not projected on that step: it moves exactly like AdamW's, as in the reference package.
     On the next step the NaN weight makes the loss NaN and every param NaN, in AdamW too.
     """

@@ -1,10 +1,10 @@
-"""``adampx.projection.project_`` against a literal float64 reading of ALGORITHM.md.
+"""``adampx.algorithm.projection.project_`` against a literal float64 reading of docs/algorithm.md.
 
 The reference below is written the obvious way (reshape views, ``F.cosine_similarity``, a
 Python ``if`` per view, a loop over rows) and shares no code with the library. Gradients are
 built so that the test is known to pass in the channel view (orthogonal per row), only in the
 layer view (orthogonal only as a whole), or neither (random), and every case is compared with
-the reference and checked against the properties ALGORITHM.md states.
+the reference and checked against the properties docs/algorithm.md states.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hypothesis import assume, event, given
 from hypothesis import strategies as st
 from torch import Tensor
 
-from adampx.projection import is_projectable, project_
+from adampx.algorithm.projection import is_projectable, project_
 
 VIEWS = (
     ("channel", lambda x: x.reshape(x.shape[0], -1)),
@@ -45,7 +45,7 @@ class Reference(NamedTuple):
 def reference_test_and_project(
     p: Tensor, g: Tensor, u: Tensor, *, delta: float, wd_ratio: float, eps: float
 ) -> Reference:
-    """ALGORITHM.md's test-and-project, literally, in float64 (inputs are not modified)."""
+    """docs/algorithm.md's test-and-project, literally, in float64 (inputs are not modified)."""
     p, g = p.detach().double(), g.detach().double()
     u = u.detach().double().contiguous().clone()
     cosines: dict[str, float] = {}
@@ -188,7 +188,7 @@ def check_against_reference(p: Tensor, g: Tensor, u: Tensor, *, delta, wd_ratio,
     """Compare ``project_`` with the reference and check the stated properties."""
     ref = reference_test_and_project(p, g, u, delta=delta, wd_ratio=wd_ratio, eps=eps)
     tol = TOLERANCES[u.dtype]
-    # a decision within rounding of the threshold may flip (ALGORITHM.md): leave those out
+    # a decision within rounding of the threshold may flip (docs/algorithm.md): leave those out
     assume(ref.margin > (1e-9 if u.dtype == torch.float64 else 1e-4))
     u_out, r, decision = run_project(p, g, u, delta=delta, wd_ratio=wd_ratio, eps=eps)
 

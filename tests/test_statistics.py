@@ -1,5 +1,5 @@
 """``track_statistics=True``: ``optimizer.statistics()`` reports what the last step did, as a
-direct computation from ALGORITHM.md in this file says, and costs nothing when off."""
+direct computation from docs/algorithm.md in this file says, and costs nothing when off."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def backward(model: nn.Module, i: int) -> None:
 
 
 def direct_test(w: Tensor, g: Tensor) -> dict[str, Any]:
-    """The scale-invariance test of ALGORITHM.md with F.cosine_similarity."""
+    """The scale-invariance test of docs/algorithm.md with F.cosine_similarity."""
     n0 = w.shape[0]
     row_length = w.numel() // n0
     max_cos = F.cosine_similarity(g.reshape(n0, -1), w.reshape(n0, -1), dim=1, eps=EPS)

@@ -1,10 +1,21 @@
 """adampx: AdamP and SGDP (Heo et al., ICLR 2021) for PyTorch — exact, sync-free, drop-in."""
 
+from adampx import backends
 from adampx.adamp import AdamP
-from adampx.inspection import inspect
-from adampx.monitor import NormMonitor
-from adampx.param_groups import param_groups
+from adampx.backends.cpu_kernel import KernelBuildError
 from adampx.sgdp import SGDP
+from adampx.tools.inspection import inspect
+from adampx.tools.monitor import NormMonitor
+from adampx.tools.param_groups import param_groups
 
-__all__ = ["SGDP", "AdamP", "NormMonitor", "__version__", "inspect", "param_groups"]
+__all__ = [
+    "SGDP",
+    "AdamP",
+    "KernelBuildError",
+    "NormMonitor",
+    "__version__",
+    "backends",
+    "inspect",
+    "param_groups",
+]
 __version__ = "0.1.0"

@@ -66,16 +66,25 @@ def _reproduce_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def _demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from adampx.experiments.classification import OPTIMIZERS
+    from adampx.experiments.demo import DEFAULT_OPTIMIZERS
+
     demo = commands.add_parser(
-        "demo", help="train a small CNN on the digits data set with AdamW/AdamP/SGD/SGDP"
+        "demo",
+        help="one seed of the reproduction's digits runs with AdamW/AdamP/SGD/SGDP (quick)",
+        description="Train the reproduction's small BatchNorm ResNet on scikit-learn's digits "
+        "once per optimizer (weight decay on, one seed) and print the test accuracy and the "
+        "norm of the scale-invariant weights at the start and the end.",
     )
     demo.add_argument("--epochs", type=int, default=15, help="epochs per run (default 15)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of the model's init and data order (default 0)"
+    )
     demo.add_argument(
         "--optimizers",
         nargs="+",
         metavar="NAME",
-        help="subset of AdamW AdamP SGD SGDP (default: all four)",
+        help=f"any of {' '.join(OPTIMIZERS)} (default: {' '.join(DEFAULT_OPTIMIZERS)})",
     )
 
 
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         if args.epochs < 1:
             parser.error(f"--epochs must be at least 1, got {args.epochs}")
-        from adampx.demo import run
+        from adampx.experiments.demo import run
 
         run(epochs=args.epochs, seed=args.seed, optimizers=args.optimizers)
         return 0

@@ -7,40 +7,29 @@ Per tensor ``p`` with gradient ``g`` at step ``t`` (from 1)::
     v ← β2·v + (1−β2)·g²
     denom = sqrt(v) / sqrt(1 − β2^t) + eps
     u = m / denom                      (nesterov: u = (β1·m + (1−β1)·g) / denom)
-    u, r = test-and-project(p, g, u)   (see adampx.projection; r = wd_ratio or 1)
+    u, r = test-and-project(p, g, u)   (docs/algorithm.md; r = wd_ratio or 1)
     p ← p · (1 − lr·λ·r)
     p ← p − lr / (1 − β1^t) · u
 
-``AdamP.step`` gathers the tensors of each param group and makes one call to :func:`adamp`.
-That steps the CPU tensors a fused kernel can take (torch's own, :mod:`adampx._torch_fused`,
-or with ``fused=True`` the C kernel of :mod:`adampx.fused`) and runs the rest through a
-per-tensor or a multi-tensor (``torch._foreach_*``) implementation of the math above.
+``AdamP.step`` gathers the tensors of each param group and makes one call to :func:`adamp`,
+which describes the step once (:class:`adampx.algorithm.spec.Step`) and hands the
+tensors to the backends that :mod:`adampx.backends.plan` routes them to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from functools import partial
+from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from adampx import _flat_step as flat_step
-from adampx import _torch_fused as torch_fused
-from adampx import fused as fused_kernel
-from adampx._optimizer import ProjectedOptimizer, check_flag, check_range
-from adampx._shared_step import Decisions, foreach_project_and_decay_, project_and_decay_
-from adampx._tensors import (
-    Workspace,
-    compute_view,
-    group_by_device_and_dtype,
-    real,
-    step_tensor,
-    write_back_,
-    zeros_state,
-)
-from adampx.sharded import batched_projection_supported
+from adampx.algorithm.projection import Decisions
+from adampx.algorithm.spec import Step
+from adampx.backends import plan
+from adampx.optim.base import ProjectedOptimizer
+from adampx.optim.validation import check_flag, check_range, check_shared
+from adampx.util.tensors import step_tensor, zeros_state
+from adampx.util.workspace import Workspace
 
 __all__ = ["AdamP", "adamp"]
 
@@ -63,8 +52,8 @@ class AdamP(ProjectedOptimizer):
             embeddings); they then behave as in AdamW.
         track_statistics: record per-tensor statistics of each step (which view fired, the
             cosines, norms, effective step sizes), read with :meth:`statistics`; see
-            :mod:`adampx.statistics`. Off by default, and free when off.
-        fused: True runs the whole step in one compiled CPU kernel (:mod:`adampx.fused`,
+            :mod:`adampx.tools.statistics`. Off by default, and free when off.
+        fused: True runs the whole step in one compiled CPU kernel (the ``cpu-kernel`` backend,
             built with the system C compiler on first use, then cached); CPU params only.
         capturable: promise that the step can be captured in a CUDA graph. Every path
             already keeps its state on the params' device and never syncs with the host,
@@ -114,7 +103,7 @@ class AdamP(ProjectedOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        self._check_shared(group)
+        check_shared(group)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
@@ -160,22 +149,6 @@ class AdamP(ProjectedOptimizer):
         )
 
 
-def default_foreach(params: list[Tensor]) -> bool:
-    """The implementation chosen for ``foreach=None``, as torch chooses.
-
-    Multi-tensor on accelerators (CUDA, XPU), where it saves kernel launches; per-tensor on
-    the CPU, where torch's foreach kernels are per-tensor loops and the extra temporaries
-    make the multi-tensor path slower. FSDP2's sharded params (DTensors on a 1-D mesh) get the
-    multi-tensor path, which gathers the row statistics of all tensors in two collectives
-    (``adampx.sharded``); other tensor subclasses get the per-tensor path.
-    """
-    if batched_projection_supported(params):
-        return True  # FSDP2 shards: the multi-tensor path batches the collectives
-    return all(
-        type(p) in (Tensor, torch.nn.Parameter) and p.device.type in ("cuda", "xpu") for p in params
-    )
-
-
 def adamp(
     params: list[Tensor],
     grads: list[Tensor],
@@ -203,203 +176,21 @@ def adamp(
     Args:
         params, grads, exp_avgs, exp_avg_sqs: tensors of one param group, aligned by index.
         state_steps: 0-d float32 step counters on the params' devices (incremented here).
-        foreach: multi-tensor (True) or per-tensor (False); None chooses.
-        fused: True runs the compiled CPU kernel of :mod:`adampx.fused`.
+        foreach: multi-tensor (True) or per-tensor (False) eager math; None chooses.
+        fused: True runs the compiled CPU kernel (the ``cpu-kernel`` backend).
         lr, beta1, beta2, eps, weight_decay, delta, wd_ratio, nesterov, maximize, projection:
             as in :class:`AdamP`.
         decisions: if given, receives the scale-invariance decision of every tested param.
         workspace: scratch buffers kept between calls (the optimizer passes its own);
-            without, the CPU kernels allocate theirs at every call.
+            without, the backends allocate theirs at every call (and CUDA tensors take the
+            eager math instead of the ``flat`` backend, which keeps its index tensors there).
     """
-    if isinstance(lr, Tensor):  # a one-element lr of any shape, as a 0-d tensor
-        lr = lr.reshape(())
-    hyper: dict[str, Any] = dict(
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, delta=delta,
-        wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, projection=projection,
-        decisions=decisions,
+    step = Step(
+        optimizer="adamp", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        delta=delta, wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize,
+        projection=projection, decisions=decisions,
     )  # fmt: skip
-    tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    rest = _kernel_step(*tensors, fused=bool(fused), foreach=foreach, workspace=workspace, **hyper)
-    if not rest:
-        return
-    if foreach is None:
-        foreach = default_foreach(params)
-    impl = _multi_tensor_adamp if foreach else _single_tensor_adamp
-    impl(*([x[k] for k in rest] for x in tensors), **hyper)
-
-
-def _kernel_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    fused: bool,
-    foreach: bool | None,
-    workspace: Workspace | None,
-    nesterov: bool,
-    **hyper: Any,
-) -> list[int]:
-    """Step the params that a fused step can take; return the indices of the others.
-
-    ``fused=True``: the compiled CPU kernel of :mod:`adampx.fused`. Otherwise, not with
-    nesterov: torch's own fused kernels on the CPU (:mod:`adampx._torch_fused`), and on CUDA,
-    unless ``foreach=False`` or without a workspace, the flat multi-tensor step of
-    :mod:`adampx._flat_step`. Under ``torch.compile`` none of them (torch's kernels have no
-    fake implementation): the eager math is compiled instead.
-    """
-    if torch.compiler.is_compiling() or (nesterov and not fused):
-        return list(range(len(params)))
-    impls: dict[str, Callable[..., None]] = {"cpu": torch_fused.adamp_}
-    step_ok: Callable[[Tensor], bool] | None = None
-    if fused:  # the C kernel also takes nesterov, and increments float32 step counters itself
-        impls = {"cpu": partial(fused_kernel.adamp_, nesterov=nesterov)}
-        step_ok = fused_kernel.step_supported
-    elif foreach is not False and workspace is not None:
-        impls["cuda"] = flat_step.adamp_
-    return torch_fused.kernel_step(
-        impls,
-        params,
-        grads,
-        [exp_avgs, exp_avg_sqs],
-        steps=state_steps,
-        step_ok=step_ok,
-        workspace=workspace,
-        **hyper,
-    )
-
-
-def _single_tensor_adamp(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    delta: float,
-    wd_ratio: float,
-    nesterov: bool,
-    maximize: bool,
-    projection: bool,
-    decisions: Decisions | None = None,
-) -> None:
-    for param, grad, m_state, v_state, step in zip(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
-    ):
-        p = compute_view(param)
-        g = compute_view(grad)
-        m, v = real(m_state), real(v_state)
-        if maximize:
-            g = -g
-
-        step.add_(1)
-        t = step.to(p.dtype)
-        bias_correction1 = 1 - beta1**t
-        bias_correction2 = 1 - beta2**t
-
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        # one param-sized buffer: denominator, then the update direction in place of it
-        denom = v.sqrt().div_(bias_correction2.sqrt()).add_(eps)
-        if nesterov:
-            u = m.mul(beta1).add_(g, alpha=1 - beta1).div_(denom)
-        else:
-            u = torch.div(m, denom, out=denom)
-
-        project_and_decay_(
-            param,
-            p,
-            g,
-            u,
-            projection=projection,
-            delta=delta,
-            wd_ratio=wd_ratio,
-            eps=eps,
-            decay=lr * weight_decay,
-            weight_decay=weight_decay,
-            decisions=decisions,
-        )
-        p.sub_(u.mul_(lr / bias_correction1))
-        write_back_(param, p)
-
-
-def _multi_tensor_adamp(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    delta: float,
-    wd_ratio: float,
-    nesterov: bool,
-    maximize: bool,
-    projection: bool,
-    decisions: Decisions | None = None,
-) -> None:
-    for indices in group_by_device_and_dtype(params).values():
-        originals = [params[i] for i in indices]
-        ps = [compute_view(params[i]) for i in indices]
-        gs = [compute_view(grads[i]) for i in indices]
-        ms = [real(exp_avgs[i]) for i in indices]
-        vs = [real(exp_avg_sqs[i]) for i in indices]
-        steps = [state_steps[i] for i in indices]
-        if maximize:
-            gs = list(torch._foreach_neg(gs))
-
-        torch._foreach_add_(steps, 1)
-        compute_dtype = ps[0].dtype
-        ts = steps if compute_dtype == torch.float32 else [s.to(compute_dtype) for s in steps]
-        bias_correction1 = torch._foreach_pow(beta1, ts)
-        torch._foreach_neg_(bias_correction1)
-        torch._foreach_add_(bias_correction1, 1)
-        sqrt_bias_correction2 = torch._foreach_pow(beta2, ts)
-        torch._foreach_neg_(sqrt_bias_correction2)
-        torch._foreach_add_(sqrt_bias_correction2, 1)
-        torch._foreach_sqrt_(sqrt_bias_correction2)
-
-        torch._foreach_mul_(ms, beta1)
-        torch._foreach_add_(ms, gs, alpha=1 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
-        denoms = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denoms, sqrt_bias_correction2)
-        torch._foreach_add_(denoms, eps)
-        if nesterov:
-            us = torch._foreach_mul(ms, beta1)
-            torch._foreach_add_(us, gs, alpha=1 - beta1)
-            torch._foreach_div_(us, denoms)
-        else:
-            us = torch._foreach_div(ms, denoms)
-        del denoms
-
-        foreach_project_and_decay_(
-            originals,
-            ps,
-            gs,
-            us,
-            projection=projection,
-            delta=delta,
-            wd_ratio=wd_ratio,
-            eps=eps,
-            decay=lr * weight_decay,
-            weight_decay=weight_decay,
-            decisions=decisions,
-        )
-        step_sizes = torch._foreach_reciprocal(bias_correction1)
-        torch._foreach_mul_(step_sizes, lr)
-        torch._foreach_mul_(us, step_sizes)
-        torch._foreach_sub_(ps, us)
-        for param, p in zip(originals, ps, strict=True):
-            write_back_(param, p)
+    plan.run(
+        step, params, grads, [exp_avgs, exp_avg_sqs], state_steps,
+        foreach_flag=foreach, fused=bool(fused), workspace=workspace,
+    )  # fmt: skip

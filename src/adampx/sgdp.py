@@ -5,41 +5,33 @@ Per tensor ``p`` with gradient ``g``, momentum ``μ``, dampening ``τ``::
 
     b ← μ·b + (1−τ)·g                  (b starts at zero)
     d = g + μ·b  if nesterov  else  a copy of b
-    d, r = test-and-project(p, g, d)   (see adampx.projection; r = wd_ratio or 1)
+    d, r = test-and-project(p, g, d)   (docs/algorithm.md; r = wd_ratio or 1)
     p ← p · (1 − lr·λ·r / (1 − μ))
     p ← p − lr·d
 
 The momentum buffer ``b`` itself is never projected (the paper's algorithm; the reference
 package projects it by accident when nesterov is off, see the README's migration notes).
 
-As in :mod:`adampx.adamp`, the functional :func:`sgdp` steps the CPU tensors a fused kernel
-can take first (:mod:`adampx._torch_fused` with momentum, or ``fused=True``) and runs the
-rest through the per-tensor or multi-tensor implementation.
+As in :mod:`adampx.adamp`, ``SGDP.step`` makes one call per group to :func:`sgdp`, which
+describes the step once (:class:`adampx.algorithm.spec.Step`) and hands the tensors to
+the backends that :mod:`adampx.backends.plan` routes them to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from adampx import _flat_step as flat_step
-from adampx import _torch_fused as torch_fused
-from adampx import fused as fused_kernel
-from adampx._optimizer import ProjectedOptimizer, check_flag, check_range
-from adampx._shared_step import Decisions, foreach_project_and_decay_, project_and_decay_
-from adampx._tensors import (
-    Workspace,
-    compute_view,
-    group_by_device_and_dtype,
-    real,
-    write_back_,
-    zeros_state,
-)
-from adampx.adamp import default_foreach
+from adampx.algorithm.projection import Decisions
+from adampx.algorithm.spec import Step
+from adampx.backends import plan
+from adampx.optim.base import ProjectedOptimizer
+from adampx.optim.validation import check_flag, check_range, check_shared
+from adampx.util.tensors import zeros_state
+from adampx.util.workspace import Workspace
 
 __all__ = ["SGDP", "sgdp"]
 
@@ -61,8 +53,8 @@ class SGDP(ProjectedOptimizer):
         maximize: maximise the objective instead of minimising it.
         projection: set False in a param group to never project its tensors.
         track_statistics: record per-tensor statistics of each step, read with
-            :meth:`statistics` (see :mod:`adampx.statistics`); off by default.
-        fused: True runs the whole step in one compiled CPU kernel (:mod:`adampx.fused`,
+            :meth:`statistics` (see :mod:`adampx.tools.statistics`); off by default.
+        fused: True runs the whole step in one compiled CPU kernel (the ``cpu-kernel`` backend,
             built with the system C compiler on first use, then cached); CPU params only.
         capturable: promise that the step can be captured in a CUDA graph. Every path
             already keeps its state on the params' device and never syncs with the host,
@@ -113,7 +105,7 @@ class SGDP(ProjectedOptimizer):
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        self._check_shared(group)
+        check_shared(group)
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_range("dampening", group["dampening"], 0.0, 1.0, high_open=False)
         check_flag("nesterov", group["nesterov"])
@@ -180,148 +172,21 @@ def sgdp(
 
     Args:
         params, grads, momentum_buffers: tensors of one param group, aligned by index.
-        foreach: multi-tensor (True) or per-tensor (False); None chooses.
-        fused: True runs the compiled CPU kernel of :mod:`adampx.fused`.
+        foreach: multi-tensor (True) or per-tensor (False) eager math; None chooses.
+        fused: True runs the compiled CPU kernel (the ``cpu-kernel`` backend).
         lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio, maximize,
         projection: as in :class:`SGDP`.
         decisions: if given, receives the scale-invariance decision of every tested param.
         workspace: scratch buffers kept between calls (the optimizer passes its own);
-            without, the CPU kernels allocate theirs at every call.
+            without, the backends allocate theirs at every call (and CUDA tensors take the
+            eager math instead of the ``flat`` backend, which keeps its index tensors there).
     """
-    if isinstance(lr, Tensor):  # a one-element lr of any shape, as a 0-d tensor
-        lr = lr.reshape(())
-    hyper: dict[str, Any] = dict(
-        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-        nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio, maximize=maximize,
-        projection=projection, decisions=decisions,
+    step = Step(
+        optimizer="sgdp", lr=lr, momentum=momentum, dampening=dampening,
+        weight_decay=weight_decay, nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
+        maximize=maximize, projection=projection, decisions=decisions,
     )  # fmt: skip
-    tensors = (params, grads, momentum_buffers)
-    rest = _kernel_step(*tensors, fused=bool(fused), foreach=foreach, workspace=workspace, **hyper)
-    if not rest:
-        return
-    if foreach is None:
-        foreach = default_foreach(params)
-    impl = _multi_tensor_sgdp if foreach else _single_tensor_sgdp
-    impl(*([x[k] for k in rest] for x in tensors), **hyper)
-
-
-def _kernel_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    *,
-    fused: bool,
-    foreach: bool | None,
-    workspace: Workspace | None,
-    **hyper: Any,
-) -> list[int]:
-    """Step the params that a fused step can take; return the indices of the others.
-
-    ``fused=True``: the compiled CPU kernel of :mod:`adampx.fused`. Otherwise, only with
-    momentum: torch's own fused kernels on the CPU (:mod:`adampx._torch_fused`), and on CUDA,
-    unless ``foreach=False`` or without a workspace, the flat multi-tensor step of
-    :mod:`adampx._flat_step`. Under ``torch.compile`` none of them (torch's kernels have no
-    fake implementation): the eager math is compiled.
-    """
-    if torch.compiler.is_compiling() or (hyper["momentum"] == 0 and not fused):
-        return list(range(len(params)))
-    impls: dict[str, Callable[..., None]] = {"cpu": torch_fused.sgdp_}
-    if fused:
-        impls = {"cpu": fused_kernel.sgdp_}
-    elif foreach is not False and workspace is not None:
-        impls["cuda"] = flat_step.sgdp_
-    return torch_fused.kernel_step(
-        impls, params, grads, [momentum_buffers], workspace=workspace, **hyper
-    )
-
-
-def _single_tensor_sgdp(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    eps: float,
-    delta: float,
-    wd_ratio: float,
-    maximize: bool,
-    projection: bool,
-    decisions: Decisions | None = None,
-) -> None:
-    for param, grad, b_state in zip(params, grads, momentum_buffers, strict=True):
-        p = compute_view(param)
-        g = compute_view(grad)
-        b = real(b_state)
-        if maximize:
-            g = -g
-
-        b.mul_(momentum).add_(g, alpha=1 - dampening)
-        d = g.add(b, alpha=momentum) if nesterov else b.clone()
-
-        project_and_decay_(
-            param,
-            p,
-            g,
-            d,
-            projection=projection,
-            delta=delta,
-            wd_ratio=wd_ratio,
-            eps=eps,
-            decay=lr * weight_decay / (1 - momentum),
-            weight_decay=weight_decay,
-            decisions=decisions,
-        )
-        p.sub_(d.mul_(lr))
-        write_back_(param, p)
-
-
-def _multi_tensor_sgdp(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    eps: float,
-    delta: float,
-    wd_ratio: float,
-    maximize: bool,
-    projection: bool,
-    decisions: Decisions | None = None,
-) -> None:
-    for indices in group_by_device_and_dtype(params).values():
-        originals = [params[i] for i in indices]
-        ps = [compute_view(params[i]) for i in indices]
-        gs = [compute_view(grads[i]) for i in indices]
-        bs = [real(momentum_buffers[i]) for i in indices]
-        if maximize:
-            gs = list(torch._foreach_neg(gs))
-
-        torch._foreach_mul_(bs, momentum)
-        torch._foreach_add_(bs, gs, alpha=1 - dampening)
-        ds = torch._foreach_add(gs, bs, alpha=momentum) if nesterov else [b.clone() for b in bs]
-
-        foreach_project_and_decay_(
-            originals,
-            ps,
-            gs,
-            ds,
-            projection=projection,
-            delta=delta,
-            wd_ratio=wd_ratio,
-            eps=eps,
-            decay=lr * weight_decay / (1 - momentum),
-            weight_decay=weight_decay,
-            decisions=decisions,
-        )
-        torch._foreach_mul_(ds, lr)
-        torch._foreach_sub_(ps, ds)
-        for param, p in zip(originals, ps, strict=True):
-            write_back_(param, p)
+    plan.run(
+        step, params, grads, [momentum_buffers], [],
+        foreach_flag=foreach, fused=bool(fused), workspace=workspace,
+    )  # fmt: skip

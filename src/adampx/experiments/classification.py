@@ -34,10 +34,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 import adampx
-from adampx._tensors import replicated
 from adampx.experiments.data import DataSplits
 from adampx.experiments.models import build_model
-from adampx.monitor import NormMonitor, NormRecord
+from adampx.tools.monitor import NormMonitor, NormRecord
+from adampx.util.tensors import replicated
 
 __all__ = ["OPTIMIZERS", "RunResult", "scale_invariant_names", "train_classifier"]
 

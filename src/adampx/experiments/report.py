@@ -19,7 +19,7 @@ from adampx.experiments import toys
 
 __all__ = ["PAPER_IMAGENET", "summarize_classification", "write_report"]
 
-# ImageNet top-1 (%) from the paper (ALGORITHM.md): (baseline, projected).
+# ImageNet top-1 (%) as the paper reports it (Heo et al., ICLR 2021): (baseline, projected).
 PAPER_IMAGENET = {
     ("ResNet18", "SGD → SGDP"): (70.28, 70.73),
     ("ResNet18", "Adam → AdamP"): (70.41, 70.81),
@@ -348,12 +348,12 @@ def _classification_figures(
 
 
 def _per_layer_figures(out: Path, runs: list[dict[str, Any]]) -> None:
-    """Per-layer norm growth and the fraction projected, through ``adampx.plots``.
+    """Per-layer norm growth and the fraction projected, through ``adampx.tools.plots``.
 
     One run per optimizer: weight decay on, the lowest seed.
     """
-    from adampx.monitor import NormRecord
-    from adampx.plots import plot_norm_growth, plot_projection_fraction
+    from adampx.tools.monitor import NormRecord
+    from adampx.tools.plots import plot_norm_growth, plot_projection_fraction
 
     chosen: dict[str, dict[str, Any]] = {}
     for r in sorted(runs, key=lambda r: r["seed"]):

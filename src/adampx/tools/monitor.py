@@ -28,7 +28,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
-from adampx._tensors import replicated
+from adampx.util.tensors import replicated
 
 __all__ = ["NormMonitor", "NormRecord", "read_records"]
 

@@ -9,13 +9,10 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Hashable
-from typing import Any, TypeVar, cast
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
-
-T = TypeVar("T")
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_DTYPES = (
@@ -72,6 +69,53 @@ def write_back_(param: Tensor, computed: Tensor) -> None:
     """Copy the updated compute view into ``param`` when it was a copy (half params)."""
     if param.dtype in HALF_DTYPES:
         param.copy_(computed)
+
+
+KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def dense_layout(param: Tensor, p: Tensor, g: Tensor, *states: Tensor) -> bool:
+    """Whether ``param`` (compute views ``p``, ``g``, ``states``) suits the backends that
+    step raw memory (torch's fused kernels, the C kernel): a plain tensor with float32 or
+    float64 compute views, non-empty, and one dense layout (contiguous or channels_last)
+    for all of them: the same strides, but on dims of size 1."""
+    if type(param) not in (Tensor, torch.nn.Parameter) or type(g) is not Tensor:
+        return False
+    dtype = p.dtype
+    if dtype not in KERNEL_DTYPES or p.numel() == 0:
+        return False
+    if p.is_contiguous():  # the common case: tensors of one shape, all contiguous
+        for t in (g, *states):
+            if not t.is_contiguous() or t.dtype != dtype:
+                break
+        else:
+            return True
+    elif not p.is_contiguous(memory_format=torch.channels_last):
+        return False
+    stride = p.stride()
+    for t in (g, *states):
+        if t.dtype != dtype or (t.stride() != stride and not _same_strides(t, p)):
+            return False
+    return True
+
+
+def layout_refusal(param: Tensor, p: Tensor, g: Tensor, states: list[Tensor]) -> str | None:
+    """Why ``param`` does not suit the backends that step raw memory (see
+    :func:`dense_layout`), or None."""
+    if dense_layout(param, p, g, *states):
+        return None
+    return (
+        "it steps plain float32/float64 tensors (or half ones through float32 copies) that "
+        "share one dense layout with their gradient and state"
+    )
+
+
+def _same_strides(t: Tensor, p: Tensor) -> bool:
+    """Same element order in memory: equal strides except on dims of size 1 (a 1x1 conv
+    weight is both contiguous and channels_last, and its gradient may carry either)."""
+    return t.stride() == p.stride() or all(
+        a == b or n == 1 for a, b, n in zip(t.stride(), p.stride(), p.shape, strict=True)
+    )
 
 
 def row_view(t: Tensor, n0: int) -> Tensor:
@@ -138,63 +182,29 @@ def step_tensor(p: Tensor, value: float = 0.0) -> Tensor:
     return torch.full((), value, dtype=torch.float32, device=p.device)
 
 
-class Workspace:
-    """Scratch buffers that an optimizer keeps between steps.
+class Batch(NamedTuple):
+    """The tensors of one backend call, aligned by index.
 
-    The CPU kernels need a few buffers as large as the largest tensor. Allocated afresh at
-    every step, memory of that size comes from the operating system each time and is
-    touched page by page (measured: the AdamP step on ResNet-50 shapes ran 2.6x slower, with
-    the page faults of a 9 MiB buffer, once the allocator had started to return such blocks
-    to the system). A :class:`Workspace` keeps the largest buffer asked for under each
-    name (its size depends on the step: the largest tensor or the largest bucket of tensors,
-    per name), for the optimizer's life.
-    The contents are scratch: every user writes before it reads.
-
-    It also keeps small constants that a step derives from the params' shapes (index and
-    threshold tensors on the device, so that they are copied to the device once, not at
-    every step: a copy from the host inside a captured CUDA graph would fail; the CPU
-    kernels' diagonal patterns for their row dot products).
+    ``params`` are the parameters as the user holds them (their shapes decide which are
+    tested; they key the decisions); the rest are compute views (:func:`compute_view`,
+    :func:`real`): ``ps`` the weights, ``gs`` the gradients, ``states`` one list per state
+    tensor of the optimizer (AdamP: ``exp_avg``, ``exp_avg_sq``; SGDP: ``momentum``), and
+    ``steps`` AdamP's step counters (empty for SGDP).
     """
 
-    # The most recent constants kept. A CUDA step uses one set of index tensors per bucket
-    # and one for all buckets (up to about ten per dtype and param group); a CPU step one
-    # diagonal pattern per distinct row count of its tested tensors and of AdamP's row
-    # blocks (about 30 on ResNet-50). So this bound only drops what the recent steps no
-    # longer use (params that got no gradient, say); past it, a step rebuilds what it needs.
-    CONSTANTS = 256
+    params: list[Tensor]
+    ps: list[Tensor]
+    gs: list[Tensor]
+    states: list[list[Tensor]]
+    steps: list[Tensor]
 
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, torch.dtype, str], Tensor] = {}
-        self._constants: dict[Hashable, Any] = {}
-        # replaced device buffers stay alive: a CUDA graph captured earlier may still use them
-        self._retired: list[Tensor] = []
-
-    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A flat buffer of ``numel`` elements (a view of the kept one)."""
-        key = (name, dtype, str(device))
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < numel:
-            if buffer is not None and buffer.device.type != "cpu":
-                self._retired.append(buffer)
-            buffer = torch.empty(numel, dtype=dtype, device=device)
-            self._buffers[key] = buffer
-        return buffer[:numel]
-
-    def constant(self, key: Hashable, build: Callable[[], T]) -> T:
-        """``build()``, made once per ``key`` and kept (the most recent :data:`CONSTANTS`)."""
-        if key in self._constants:
-            self._constants[key] = self._constants.pop(key)  # now the most recent
-        else:
-            self._constants[key] = build()
-            while len(self._constants) > self.CONSTANTS:
-                del self._constants[next(iter(self._constants))]
-        return cast(T, self._constants[key])
-
-
-def scratch(
-    workspace: Workspace | None, name: str, numel: int, dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    """A buffer from ``workspace``, or a fresh one without (functional calls)."""
-    if workspace is None:
-        return torch.empty(numel, dtype=dtype, device=device)
-    return workspace.get(name, numel, dtype, device)
+    def select(self, indices: list[int]) -> Batch:
+        """The batch of the tensors at ``indices``."""
+        steps = [self.steps[k] for k in indices] if self.steps else []
+        return Batch(
+            [self.params[k] for k in indices],
+            [self.ps[k] for k in indices],
+            [self.gs[k] for k in indices],
+            [[state[k] for k in indices] for state in self.states],
+            steps,
+        )

@@ -11,7 +11,7 @@
   invariance holds only up to a relative change of about ``eps / variance``; ``rtol`` sets the
   tolerance and every record carries the measured change.
 - **AdamP's decision** on a real gradient of that batch: the cosine test of
-  ``adampx.projection`` (which view would fire, the largest cosine and its threshold).
+  ``adampx.algorithm.projection`` (which view would fire, the largest cosine and its threshold).
 
 The model is left as it was: parameter values, gradients, buffers (BatchNorm running
 statistics), the training flag of every module and the RNG state are restored.
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adampx.projection import decide, is_projectable, row_statistics
+from adampx.algorithm.projection import decide, is_projectable, row_statistics
 
 __all__ = ["ParamReport", "Report", "inspect"]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from adampx.inspection import Report
+from adampx.tools.inspection import Report
 
 __all__ = ["param_groups"]
 

@@ -20,15 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from adampx._tensors import like_param, local_rows
-from adampx.projection import (
-    Decision,
-    RowStatistics,
-    _row_dot,
-    coefficients_from_row_dots,
-    decay_ratio,
-    decide,
-)
+from adampx.algorithm.projection import Decision, RowStatistics, outcome_of, row_dot
+from adampx.util.tensors import like_param, local_rows
 
 __all__ = ["batched_projection_supported", "project_sharded_"]
 
@@ -96,7 +89,7 @@ def project_sharded_(
     Args:
         params, grads, updates: DTensors of the same shape and placement, per tested tensor
             (real dtypes, ``dim() > 1``); ``updates`` are projected in place.
-        delta, wd_ratio, eps: as in ALGORITHM.md.
+        delta, wd_ratio, eps: as in docs/algorithm.md.
 
     Returns:
         Per tensor the weight-decay multiplier (a replicated 0-d DTensor) and the decision.
@@ -107,29 +100,24 @@ def project_sharded_(
     u_loc = [u.to_local() for u in updates]  # type: ignore[attr-defined]
     sums = _all_rows(
         params,
-        [
-            [_row_dot(g, p), _row_dot(g, g), _row_dot(p, p)]
-            for p, g in zip(p_loc, g_loc, strict=True)
-        ],
+        [[row_dot(g, p), row_dot(g, g), row_dot(p, p)] for p, g in zip(p_loc, g_loc, strict=True)],
         3,
         group,
     )
-    stats_list = [
-        RowStatistics(gp, gg.sqrt(), pp.sqrt(), p.numel() // p.shape[0])
+    outcomes = [
+        outcome_of(RowStatistics(gp, gg.sqrt(), pp.sqrt(), p.numel() // p.shape[0]), delta, eps)
         for p, (gp, gg, pp) in zip(params, sums, strict=True)
     ]
-    decisions = [decide(stats, delta, eps) for stats in stats_list]
     pu_rows = _all_rows(
-        params, [[_row_dot(p, u)] for p, u in zip(p_loc, u_loc, strict=True)], 1, group
+        params, [[row_dot(p, u)] for p, u in zip(p_loc, u_loc, strict=True)], 1, group
     )
     out = []
-    for p, pl, ul, stats, (pu,), d in zip(
-        params, p_loc, u_loc, stats_list, pu_rows, decisions, strict=True
-    ):
-        coef = coefficients_from_row_dots(pu, stats, d, eps)
+    for p, pl, ul, (pu,), outcome in zip(params, p_loc, u_loc, pu_rows, outcomes, strict=True):
+        coef = outcome.coefficients(pu)
         start, count = _row_window(p)
         if pl.numel():
             shape = (-1,) + (1,) * (pl.dim() - 1)
             ul.addcmul_(pl, coef[start : start + count].view(shape), value=-1)
-        out.append((like_param(decay_ratio(d, wd_ratio, pu), p), d))
+        ratio = outcome.ratio(wd_ratio).to(pu.dtype)
+        out.append((like_param(ratio, p), outcome.decision(delta)))
     return out

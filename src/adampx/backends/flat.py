@@ -1,4 +1,4 @@
-"""The multi-tensor step on CUDA: tested tensors concatenated in a few flat buffers.
+"""The ``flat`` backend, CUDA's default: tested tensors concatenated in a few flat buffers.
 
 On a GPU the per-tensor test costs a few dozen kernel launches per tensor, and launches, not
 bytes, set the step time (AdamP's eager multi-tensor math on ResNet-50's 161 tensors: about
@@ -12,12 +12,14 @@ ResNet-50, ViT-B/16 or an LLM-like set):
    one ``[rows, row length]`` matrix.
 2. Row sums of every bucket, one reduction per run, go into vectors over all rows:
    ``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i`` (SGDP also ``p_i·b_i``, ``b`` the momentum before the
-   step). The test of every tensor at once is ``adampx._segments.test``.
+   step). The test of every tensor at once is ``adampx.algorithm.projection.test`` over
+   the rows that :class:`~adampx.algorithm.segments.Segments` describes.
 3. AdamP, per bucket: ``torch._fused_adamw_`` without weight decay on a zeroed flat buffer
    ``W`` (one view per tensor) updates ``m`` and ``v`` and leaves the step
    ``W = −(lr/bc1)·u`` there; ``p·w`` per row gives the projection coefficients ``c``, and
-   ``P ← W + P·(1 − lr·λ·r − c)`` (ALGORITHM.md rearranged, as in ``adampx._torch_fused``)
-   is one ``addcmul`` per run; ``P`` is copied back with one ``torch._foreach_copy_``.
+   ``P ← W + P·(1 − lr·λ·r − c)`` (``docs/algorithm.md`` rearranged, see
+   :mod:`adampx.backends.torch_kernels`) is one ``addcmul`` per run; ``P`` is copied back
+   with one ``torch._foreach_copy_``.
    SGDP: the direction's row dots follow by linearity from ``p·g`` and ``p·b``; each
    bucket's ``P`` is rescaled per row by ``1 − a·r + lr·c`` and copied back, and
    ``torch._fused_sgd_`` then steps all params at once.
@@ -39,16 +41,21 @@ params add their float32 copies (params and gradients) during the step, as on ev
 from __future__ import annotations
 
 import itertools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from adampx._segments import Segments, cached_segments
-from adampx._segments import test as segment_test
-from adampx._shared_step import Decisions, sgdp_direction_dots
-from adampx._tensors import Workspace, flat_view, row_shape, row_view, scratch
-from adampx._torch_fused import split_tested, start_adamp_
+from adampx.algorithm.projection import Outcome, test
+from adampx.algorithm.segments import Segments, cached_segments
+from adampx.algorithm.spec import Step
+from adampx.backends.torch_kernels import adam_step_into_, adamw_untested_, sgd_, supports
+from adampx.util.tensors import Batch, flat_view, layout_refusal, row_shape, row_view
+from adampx.util.workspace import Workspace, scratch
+
+__all__ = ["NAME", "runs_here", "step_", "supports", "takes"]
+
+NAME = "flat"
 
 BUCKETS = 4  # the tested tensors are cut into about this many buckets ...
 BUCKET_ELEMENTS = 1 << 22  # ... of at least this many elements
@@ -193,140 +200,106 @@ def _plan(
         buckets.append(
             _Bucket(
                 ps, shapes[a:b], order[a:b], slice(row, row + rows), slice(a, b),
-                cached_segments(workspace, shapes[a:b], like.device),
+                cached_segments(workspace, shapes[a:b], like.device, padded=True),
                 workspace,
             )
         )  # fmt: skip
         row += rows
-    return order, cached_segments(workspace, shapes, like.device), buckets
+    return order, cached_segments(workspace, shapes, like.device, padded=True), buckets
 
 
-def adamp_(
-    params: list[Tensor],
-    ps: list[Tensor],
-    gs: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    delta: float,
-    wd_ratio: float,
-    maximize: bool,
-    projection: bool,
-    decisions: Decisions | None,
-    workspace: Workspace | None = None,
-) -> None:
-    """AdamP (not nesterov) for compute views of one device and dtype (see module doc)."""
-    kernel: dict[str, Any] = dict(
-        beta1=beta1, beta2=beta2, eps=eps, amsgrad=False, maximize=maximize
-    )  # fmt: skip
-    tested = start_adamp_(
-        params, ps, gs, exp_avgs, exp_avg_sqs, state_steps,
-        projection=projection, lr=lr, weight_decay=weight_decay, **kernel,
-    )  # fmt: skip
-    if not tested:
-        return
+def runs_here() -> bool:
+    """torch's fused AdamW and SGD kernels run on the CPU and on CUDA; the routing picks
+    this backend for CUDA tensors (it runs on CPU tensors when forced, as the tests do)."""
+    return True
+
+
+def takes(
+    param: Tensor, p: Tensor, g: Tensor, states: list[Tensor], counter: Tensor | None
+) -> str | None:
+    """Why this backend cannot step ``param`` (None if it can)."""
+    if not (p.is_cpu or p.is_cuda):
+        return f"torch's fused kernels run on the CPU and CUDA, the param is on {p.device.type}"
+    return layout_refusal(param, p, g, states)
+
+
+def step_(step: Step, batch: Batch, workspace: Workspace | None) -> None:
+    """AdamP's or SGDP's step of ``batch`` (tensors of one device and dtype), in place."""
+    (adamp_ if step.optimizer == "adamp" else sgdp_)(step, batch, workspace)
+
+
+def _test(
+    step: Step,
+    batch: Batch,
+    tested: list[int],
+    momentum_buffers: list[Tensor] | None,
+    workspace: Workspace | None,
+) -> tuple[list[_Bucket], Tensor, Outcome, Tensor]:
+    """The row sums of every bucket of the tested tensors, then the test of all at once.
+
+    Returns the buckets, the sums ``[3 or 4, rows]`` (``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i`` and,
+    given SGDP's ``momentum_buffers`` before the step, ``p_i·b_i``), the outcome, and the
+    last bucket's gathered params (all of them where there is one bucket).
+    """
+    ps, gs = batch.ps, batch.gs
     order, segs, buckets = _plan(ps, tested, workspace)
-    # the row sums of every bucket, then the test of every tensor at once
-    sums = ps[order[0]].new_empty(3, segs.rows)
-    p_norm, g_norm, gp = sums[0], sums[1], sums[2]
+    sums = ps[order[0]].new_empty(3 if momentum_buffers is None else 4, segs.rows)
     for bucket in buckets:
         p, g = bucket.gather(ps, "p"), bucket.gather(gs, "gw")
-        bucket.row_norms(p, out=p_norm[bucket.rows])
-        bucket.row_norms(g, out=g_norm[bucket.rows])
-        bucket.row_dots(p, g, out=gp[bucket.rows])
-    test = segment_test(
-        segs, p_norm, g_norm, gp, [params[k] for k in order],
-        delta=delta, eps=eps, wd_ratio=wd_ratio, decay=lr * weight_decay, decisions=decisions,
-    )  # fmt: skip
+        bucket.row_norms(p, out=sums[0, bucket.rows])
+        bucket.row_norms(g, out=sums[1, bucket.rows])
+        bucket.row_dots(p, g, out=sums[2, bucket.rows])
+        if momentum_buffers is not None:
+            b = bucket.gather(momentum_buffers, "gw")  # g is no longer needed
+            bucket.row_dots(p, b, out=sums[3, bucket.rows])
+    outcome = test(sums[:2], sums[2], segs, delta=step.delta, eps=step.eps)
+    outcome.record(step.decisions, [batch.params[k] for k in order], step.delta)
+    return buckets, sums, outcome, p
+
+
+def adamp_(step: Step, batch: Batch, workspace: Workspace | None) -> None:
+    """AdamP (not nesterov): see the module doc."""
+    ps, gs = batch.ps, batch.gs
+    exp_avgs, exp_avg_sqs = batch.states
+    torch._foreach_add_(batch.steps, 1)
+    tested, untested = step.split(batch.params)
+    adamw_untested_(step, batch, untested)
+    if not tested:
+        return
+    buckets, _, outcome, p = _test(step, batch, tested, None, workspace)
+    keep = outcome.keep(step.decay, step.wd_ratio)
     for bucket in buckets:
-        part = test.part(bucket.segs, bucket.rows, bucket.tensors)
+        part = outcome.part(bucket.segs, bucket.rows, bucket.tensors)
         if len(buckets) > 1:  # else p still holds the one bucket's params
             p = bucket.gather(ps, "p")
         w = bucket.buffer("gw").zero_()
-        # w ← −lr·u/bc1, and m, v updated
-        torch._fused_adamw_(
-            bucket.views(w),
-            bucket.row_views(gs),
-            bucket.row_views(exp_avgs),
-            bucket.row_views(exp_avg_sqs),
-            [],
-            [state_steps[k] for k in bucket.bucket],
-            lr=lr,
-            weight_decay=0.0,
-            **kernel,
-        )
+        adam_step_into_(
+            step, bucket.views(w), bucket.row_views(gs), bucket.row_views(exp_avgs),
+            bucket.row_views(exp_avg_sqs), [batch.steps[k] for k in bucket.bucket],
+        )  # fmt: skip
         # w_i − c_i p_i is the projected step; p ← w + p·(keep − c)
-        coefficients = part.coefficients(bucket.row_dots(p, w, out=p.new_empty(part.rows)))
-        bucket.scale_rows_(p, part.per_row(part.keep) - coefficients, add=w)
+        coefficients = part.coefficients(bucket.row_dots(p, w, out=p.new_empty(bucket.segs.rows)))
+        bucket.scale_rows_(p, bucket.segs.per_row(keep[bucket.tensors]) - coefficients, add=w)
         bucket.write_back(p, ps)
 
 
-def sgdp_(
-    params: list[Tensor],
-    ps: list[Tensor],
-    gs: list[Tensor],
-    momentum_buffers: list[Tensor],
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    eps: float,
-    delta: float,
-    wd_ratio: float,
-    maximize: bool,
-    projection: bool,
-    decisions: Decisions | None,
-    workspace: Workspace | None = None,
-) -> None:
-    """SGDP (momentum > 0) for compute views of one device and dtype (see module doc)."""
-    decay = lr * weight_decay / (1 - momentum) if weight_decay != 0 else 0.0
-    tested, untested = split_tested(params, projection)
-    if untested and weight_decay != 0:
-        torch._foreach_mul_([ps[k] for k in untested], 1 - decay)
+def sgdp_(step: Step, batch: Batch, workspace: Workspace | None) -> None:
+    """SGDP (momentum > 0): see the module doc."""
+    ps, gs = batch.ps, batch.gs
+    (momentum_buffers,) = batch.states
+    decay = step.decay if step.weight_decay != 0 else 0.0
+    tested, untested = step.split(batch.params)
+    if untested and step.weight_decay != 0:
+        torch._foreach_mul_([ps[k] for k in untested], step.keep(1, decay))
     if tested:
-        order, segs, buckets = _plan(ps, tested, workspace)
-        # the row sums of every bucket (b: the momentum before the step), then the test
-        sums = ps[order[0]].new_empty(4, segs.rows)
-        p_norm, g_norm, gp, pb = sums[0], sums[1], sums[2], sums[3]
-        for bucket in buckets:
-            p, g = bucket.gather(ps, "p"), bucket.gather(gs, "gw")
-            bucket.row_norms(p, out=p_norm[bucket.rows])
-            bucket.row_norms(g, out=g_norm[bucket.rows])
-            bucket.row_dots(p, g, out=gp[bucket.rows])
-            b = bucket.gather(momentum_buffers, "gw")  # g is no longer needed
-            bucket.row_dots(p, b, out=pb[bucket.rows])
-        test = segment_test(
-            segs, p_norm, g_norm, gp, [params[k] for k in order],
-            delta=delta, eps=eps, wd_ratio=wd_ratio, decay=decay, decisions=decisions,
-        )  # fmt: skip
-        direction = sgdp_direction_dots(
-            pb, gp, momentum=momentum, dampening=dampening, nesterov=nesterov,
-            maximize=maximize,
-        )  # fmt: skip
+        buckets, sums, outcome, p = _test(step, batch, tested, momentum_buffers, workspace)
+        direction = step.direction_dots(sums[3], sums[2])
         # p ← p·(keep + lr·c) − lr·d, the last part in torch's fused SGD below
-        scales = test.per_row(test.keep) + lr * test.coefficients(direction)
+        keep = outcome.keep(decay, step.wd_ratio)
+        scales = outcome.rows.per_row(keep) + step.lr * outcome.coefficients(direction)
         for bucket in buckets:
             if len(buckets) > 1:  # else p still holds the one bucket's params
                 p = bucket.gather(ps, "p")
             bucket.scale_rows_(p, scales[bucket.rows])
             bucket.write_back(p, ps)
-    torch._fused_sgd_(
-        ps,
-        gs,
-        momentum_buffers,
-        weight_decay=0.0,
-        momentum=momentum,
-        lr=lr,
-        dampening=dampening,
-        nesterov=nesterov,
-        maximize=maximize,
-        is_first_step=False,
-    )
+    sgd_(step, ps, gs, momentum_buffers)

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adampx._shared_step import Decisions
-from adampx._tensors import HALF_DTYPES, replicated
+from adampx.algorithm.projection import Decisions
+from adampx.util.tensors import HALF_DTYPES, replicated
 
 __all__ = ["StatisticsRecorder", "TensorStatistics"]
 

@@ -1,0 +1,239 @@
+/* The dtype-generic half of the fused kernel: the row sums and AdamP's and SGDP's steps,
+ * written once for both element types. See projected_step.c for what they compute.
+ *
+ * Not a standalone header: projected_step.c includes it once per element type, after
+ * defining hyper_t, the helpers that do not depend on the element type (decide, decay_keep,
+ * lane_total, row_scale, whole_scale), the macros OMP, FOR_LANES, THREAD, LANES, BLOCK and
+ * PARALLEL, and these three:
+ *   T       the element type (float, double);
+ *   SUFFIX  the suffix of every name defined here (f32, f64), pasted on by NAME(x);
+ *   SQRT    the square root in the element type (C's sqrt of a float computes in double).
+ * Hence no include guard. */
+#if !defined(T) || !defined(SUFFIX) || !defined(SQRT)
+#error "projected_step_body.h: define T, SUFFIX and SQRT before including it"
+#endif
+
+#define CAT_(x, suffix) x##_##suffix
+#define CAT(x, suffix) CAT_(x, suffix)
+#define NAME(x) CAT(x, SUFFIX) /* NAME(adamp) is adamp_f32 when SUFFIX is f32 */
+
+/* p·p, g·g, p·g of every row, into sums[3·i .. 3·i + 2] */
+static void NAME(row_sums)(const T *p, const T *g, int64_t R, int64_t C, double *sums,
+                           int threads) {
+    (void)threads; /* unused without OpenMP */
+    OMP(parallel for num_threads(threads) schedule(static) if(R * C > PARALLEL))
+    for (int64_t i = 0; i < R; i++) {
+        double acc[3][LANES] = {{0}};
+        const T *pi = p + i * C, *gi = g + i * C;
+        FOR_LANES(C,
+            double pj = pi[j0 + l], gj = gi[j0 + l];
+            acc[0][l] += pj * pj; acc[1][l] += gj * gj; acc[2][l] += pj * gj;)
+        for (int q = 0; q < 3; q++) sums[3 * i + q] = lane_total(acc[q]);
+    }
+}
+
+/* ------------------------------------------------------------------------------- AdamP */
+
+/* the direction d = n / (sqrt(v) / sqrt(bc2) + eps), n = m or, with nesterov,
+ * β1·m + (1−β1)·g (m, v already updated); 1/bc1 is folded into the step size */
+static inline T NAME(adam_direction)(T m, T v, T g, T b1, T inv_bc2_sqrt, T eps,
+                                     int nesterov) {
+    T n = nesterov ? b1 * m + (1 - b1) * g : m;
+    return n / (SQRT(v) * inv_bc2_sqrt + eps);
+}
+
+/* the constants of one tensor's step, in the element type */
+typedef struct {
+    T b1, b2, eps, sign, inv_bc2_sqrt, step;
+    int nesterov;
+} NAME(adam_t);
+
+/* the moments of n elements updated; d (if not NULL) ← the direction; returns Σ p·d */
+static inline double NAME(adam_moments)(const NAME(adam_t) *a, int64_t n, const T *p,
+                                        const T *g, T *m, T *v, T *d) {
+    double acc[LANES] = {0};
+    FOR_LANES(n,
+        const int64_t j = j0 + l;
+        T gj = a->sign * g[j];
+        T mj = a->b1 * m[j] + (1 - a->b1) * gj, vj = a->b2 * v[j] + (1 - a->b2) * gj * gj;
+        m[j] = mj; v[j] = vj;
+        T dj = NAME(adam_direction)(mj, vj, gj, a->b1, a->inv_bc2_sqrt, a->eps, a->nesterov);
+        if (d) d[j] = dj;
+        acc[l] += (double)p[j] * dj;)
+    return lane_total(acc);
+}
+
+/* AdamW's step of N elements: the moments, then p ← p·keep − step·d */
+static void NAME(adamw)(const NAME(adam_t) *a, int64_t N, T keep, T *p, const T *g, T *m,
+                        T *v, int threads) {
+    (void)threads; /* unused without OpenMP */
+    OMP(parallel for num_threads(threads) schedule(static) if(N > PARALLEL))
+    for (int64_t block = 0; block < (N + BLOCK - 1) / BLOCK; block++) {
+        const int64_t end = block * BLOCK + BLOCK < N ? block * BLOCK + BLOCK : N;
+        OMP(simd)
+        for (int64_t j = block * BLOCK; j < end; j++) {
+            T gj = a->sign * g[j];
+            T mj = a->b1 * m[j] + (1 - a->b1) * gj, vj = a->b2 * v[j] + (1 - a->b2) * gj * gj;
+            m[j] = mj; v[j] = vj;
+            p[j] = p[j] * keep - a->step * NAME(adam_direction)(mj, vj, gj, a->b1,
+                                                                a->inv_bc2_sqrt, a->eps,
+                                                                a->nesterov);
+        }
+    }
+}
+
+/* AdamP's step of count tensors (ps[k] of rows[k] × cols[k], its gradient, moments and
+ * step counter, which is incremented); the test applies where tested[k]. sums: 4 doubles
+ * per row of the longest tensor; row_buffers: row_limit elements per thread; decisions:
+ * 4 doubles per tensor, written for the tested ones (see decide). */
+void NAME(adamp)(int64_t count, T **ps, T **gs, T **ms, T **vs, float **steps,
+                 const int64_t *rows, const int64_t *cols, const int32_t *tested,
+                 const hyper_t *h, double *sums, T *row_buffers, double *decisions) {
+    const int threads = h->threads;
+    for (int64_t k = 0; k < count; k++) {
+        T *p = ps[k]; const T *g = gs[k]; T *m = ms[k]; T *v = vs[k];
+        const int64_t R = rows[k], C = cols[k], N = R * C;
+        const double t = (double)(*steps[k] += 1.0f);
+        const NAME(adam_t) a = {
+            (T)h->beta1, (T)h->beta2, (T)h->eps, h->maximize ? (T)-1 : (T)1,
+            (T)(1.0 / sqrt(1.0 - pow(h->beta2, t))), (T)(h->lr / (1.0 - pow(h->beta1, t))),
+            h->nesterov};
+        int view = NOT_PROJECTED;
+        if (tested[k]) {
+            NAME(row_sums)(p, g, R, C, sums, threads);
+            view = decide(sums, R, C, h, decisions + 4 * k);
+        }
+        if (view == NOT_PROJECTED) {
+            NAME(adamw)(&a, N, (T)decay_keep(h, 0), p, g, m, v, threads);
+            continue;
+        }
+        const T keep = (T)decay_keep(h, 1);
+        if (view == CHANNEL && C <= h->row_limit) { /* row by row, in cache */
+            OMP(parallel for num_threads(threads) schedule(static) if(N > PARALLEL))
+            for (int64_t i = 0; i < R; i++) {
+                T *pi = p + i * C, *d = row_buffers + (int64_t)THREAD * h->row_limit;
+                double pd = NAME(adam_moments)(&a, C, pi, g + i * C, m + i * C, v + i * C, d);
+                const T c = (T)(pd / row_scale(sums[3 * i], h->eps));
+                OMP(simd)
+                for (int64_t j = 0; j < C; j++) pi[j] = pi[j] * keep - a.step * (d[j] - c * pi[j]);
+            }
+            continue;
+        }
+        /* as a whole, or long rows: the moments and the dots, then p with d recomputed */
+        double *pd = sums + 3 * R; /* the rows' p·d */
+        OMP(parallel for num_threads(threads) schedule(static) if(N > PARALLEL))
+        for (int64_t i = 0; i < R; i++)
+            pd[i] = NAME(adam_moments)(&a, C, p + i * C, g + i * C, m + i * C, v + i * C, 0);
+        double layer_pd = 0;
+        for (int64_t i = 0; i < R; i++) layer_pd += pd[i];
+        const double layer_c = view == LAYER ? layer_pd / whole_scale(sums, R, h->eps) : 0.0;
+        OMP(parallel for num_threads(threads) schedule(static) if(N > PARALLEL))
+        for (int64_t i = 0; i < R; i++) {
+            T *pi = p + i * C; const T *gi = g + i * C, *mi = m + i * C, *vi = v + i * C;
+            const T c = (T)(view == LAYER ? layer_c : pd[i] / row_scale(sums[3 * i], h->eps));
+            OMP(simd)
+            for (int64_t j = 0; j < C; j++) {
+                T dj = NAME(adam_direction)(mi[j], vi[j], a.sign * gi[j], a.b1,
+                                            a.inv_bc2_sqrt, a.eps, a.nesterov);
+                pi[j] = pi[j] * keep - a.step * (dj - c * pi[j]);
+            }
+        }
+    }
+}
+
+/* -------------------------------------------------------------------------------- SGDP */
+
+/* the constants of the step, in the element type (damp = 1 − dampening) */
+typedef struct {
+    T mu, damp, sign, lr;
+    int nesterov;
+} NAME(sgd_t);
+
+/* SGD's direction d = b, or with nesterov g + μ·b (b already updated, g signed) */
+static inline T NAME(sgd_direction)(const NAME(sgd_t) *s, T g, T b) {
+    return s->nesterov ? g + s->mu * b : b;
+}
+
+/* the momentum of n elements updated; returns Σ p·d */
+static inline double NAME(sgd_momentum)(const NAME(sgd_t) *s, int64_t n, const T *p,
+                                        const T *g, T *b) {
+    double acc[LANES] = {0};
+    FOR_LANES(n,
+        const int64_t j = j0 + l;
+        T gj = s->sign * g[j], bj = s->mu * b[j] + s->damp * gj;
+        b[j] = bj;
+        acc[l] += (double)p[j] * NAME(sgd_direction)(s, gj, bj);)
+    return lane_total(acc);
+}
+
+/* p ← p·keep − lr·(d − c·p) for n elements whose momentum is updated */
+static inline void NAME(sgd_apply)(const NAME(sgd_t) *s, int64_t n, T keep, T c, T *p,
+                                   const T *g, const T *b) {
+    OMP(simd)
+    for (int64_t j = 0; j < n; j++)
+        p[j] = p[j] * keep - s->lr * (NAME(sgd_direction)(s, s->sign * g[j], b[j]) - c * p[j]);
+}
+
+/* SGD's step of N elements: the momentum, then p ← p·keep − lr·d */
+static void NAME(sgd)(const NAME(sgd_t) *s, int64_t N, T keep, T *p, const T *g, T *b,
+                      int threads) {
+    (void)threads; /* unused without OpenMP */
+    OMP(parallel for num_threads(threads) schedule(static) if(N > PARALLEL))
+    for (int64_t block = 0; block < (N + BLOCK - 1) / BLOCK; block++) {
+        const int64_t end = block * BLOCK + BLOCK < N ? block * BLOCK + BLOCK : N;
+        OMP(simd)
+        for (int64_t j = block * BLOCK; j < end; j++) {
+            T gj = s->sign * g[j], bj = s->mu * b[j] + s->damp * gj;
+            b[j] = bj;
+            p[j] = p[j] * keep - s->lr * NAME(sgd_direction)(s, gj, bj);
+        }
+    }
+}
+
+/* SGDP's step of count tensors (ps[k] of rows[k] × cols[k], its gradient and momentum
+ * buffer); the test applies where tested[k]. sums: 4 doubles per row of the longest
+ * tensor; decisions: 4 doubles per tensor, written for the tested ones (see decide). */
+void NAME(sgdp)(int64_t count, T **ps, T **gs, T **bs, const int64_t *rows,
+                const int64_t *cols, const int32_t *tested, const hyper_t *h,
+                double *sums, double *decisions) {
+    const NAME(sgd_t) s = {(T)h->momentum, (T)(1.0 - h->dampening),
+                           h->maximize ? (T)-1 : (T)1, (T)h->lr, h->nesterov};
+    const int threads = h->threads;
+    for (int64_t k = 0; k < count; k++) {
+        T *p = ps[k]; const T *g = gs[k]; T *b = bs[k];
+        const int64_t R = rows[k], C = cols[k], N = R * C;
+        int view = NOT_PROJECTED;
+        if (tested[k]) {
+            NAME(row_sums)(p, g, R, C, sums, threads);
+            view = decide(sums, R, C, h, decisions + 4 * k);
+        }
+        if (view == NOT_PROJECTED) {
+            NAME(sgd)(&s, N, (T)decay_keep(h, 0), p, g, b, threads);
+            continue;
+        }
+        const T keep = (T)decay_keep(h, 1);
+        if (view == CHANNEL) { /* row by row, in cache */
+            OMP(parallel for num_threads(threads) schedule(static) if(N > PARALLEL))
+            for (int64_t i = 0; i < R; i++) {
+                T *pi = p + i * C; const T *gi = g + i * C; T *bi = b + i * C;
+                double pd = NAME(sgd_momentum)(&s, C, pi, gi, bi);
+                T c = (T)(pd / row_scale(sums[3 * i], h->eps));
+                NAME(sgd_apply)(&s, C, keep, c, pi, gi, bi);
+            }
+            continue;
+        }
+        double *pd = sums + 3 * R, layer_pd = 0; /* as a whole: all dots first */
+        OMP(parallel for num_threads(threads) schedule(static) if(N > PARALLEL))
+        for (int64_t i = 0; i < R; i++)
+            pd[i] = NAME(sgd_momentum)(&s, C, p + i * C, g + i * C, b + i * C);
+        for (int64_t i = 0; i < R; i++) layer_pd += pd[i];
+        const T c = (T)(layer_pd / whole_scale(sums, R, h->eps));
+        OMP(parallel for num_threads(threads) schedule(static) if(N > PARALLEL))
+        for (int64_t i = 0; i < R; i++)
+            NAME(sgd_apply)(&s, C, keep, c, p + i * C, g + i * C, b + i * C);
+    }
+}
+
+#undef NAME
+#undef CAT
+#undef CAT_
