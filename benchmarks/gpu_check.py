@@ -4,8 +4,9 @@
     python benchmarks/gpu_check.py --sets resnet50 --rounds 50 --device cuda:1
 
 Needs an NVIDIA GPU. Without CUDA the script says so and exits with status 0. It prints a
-report in six parts; the paths checked are each optimizer's default (on CUDA, the flat
-multi-tensor step of ``adampx.backends.cuda_flat``) and its per-tensor path (``foreach=False``).
+report in six parts; the paths checked are each optimizer's default (on CUDA, the ``flat``
+backend), its per-tensor path (``foreach=False``) and, where Triton is installed, the
+``triton`` backend (imposed with ``adampx.backends.force``).
 ``fused=True`` is adampx's CPU kernel and is not used here.
 
 0. Parity on CUDA: the default path against the reference package ``adamp`` (float64, if
@@ -110,9 +111,41 @@ class CheckResult:
 # ---------------------------------------------------------------------------- optimizers
 
 
-def adampx_paths(capturable: bool) -> dict[str, Factory]:
-    """The checked paths of AdamP and SGDP: default (multi-tensor on CUDA) and per-tensor."""
+def forced(cls: type, backend: str) -> type:
+    """``cls`` whose every step takes ``backend`` (``adampx.backends.force``)."""
+
+    class Forced(cls):  # type: ignore[misc, valid-type]
+        def step(self, closure: Any = None) -> Any:
+            with adampx.backends.force(backend):
+                return super().step(closure)
+
+    Forced.__name__ = f"{cls.__name__}[{backend}]"
+    return Forced
+
+
+# On CUDA only: on the CPU (where the tests run the parity section) it would be Triton's
+# interpreter, minutes for these shapes; tests/test_triton.py checks the kernels there.
+TRITON = torch.cuda.is_available() and "triton" in adampx.backends.available()
+
+
+def triton_paths(capturable: bool) -> dict[str, Factory]:
+    """AdamP and SGDP on the ``triton`` backend, where it runs."""
+    if not TRITON:
+        return {}
+    adamp_cls, sgdp_cls = forced(adampx.AdamP, "triton"), forced(adampx.SGDP, "triton")
     return {
+        "AdamP triton": lambda ps: adamp_cls(ps, weight_decay=1e-2, capturable=capturable),
+        "SGDP triton": lambda ps: sgdp_cls(
+            ps, lr=0.1, momentum=0.9, weight_decay=1e-2, capturable=capturable
+        ),
+    }
+
+
+def adampx_paths(capturable: bool) -> dict[str, Factory]:
+    """The checked paths of AdamP and SGDP: default (multi-tensor on CUDA), per-tensor, and
+    the ``triton`` backend where it runs."""
+    return {
+        **triton_paths(capturable),
         "AdamP default": lambda ps: adampx.AdamP(ps, weight_decay=1e-2, capturable=capturable),
         "AdamP per-tensor": lambda ps: adampx.AdamP(
             ps, weight_decay=1e-2, foreach=False, capturable=capturable
@@ -128,13 +161,16 @@ def adampx_paths(capturable: bool) -> dict[str, Factory]:
 
 def timing_candidates() -> dict[str, tuple[str, Factory]]:
     """name -> (family, constructor) for the timing table. Families: "adam", "sgd"."""
+    triton = triton_paths(capturable=False)
     adam: dict[str, Factory] = {
+        **{k: v for k, v in triton.items() if k.startswith("AdamP")},
         "AdamP default": lambda ps: adampx.AdamP(ps, weight_decay=1e-2),
         "AdamP per-tensor": lambda ps: adampx.AdamP(ps, weight_decay=1e-2, foreach=False),
         "AdamW foreach": lambda ps: torch.optim.AdamW(ps, weight_decay=1e-2, foreach=True),
         "AdamW fused": lambda ps: torch.optim.AdamW(ps, weight_decay=1e-2, fused=True),
     }
     sgd: dict[str, Factory] = {
+        **{k: v for k, v in triton.items() if k.startswith("SGDP")},
         "SGDP default": lambda ps: adampx.SGDP(ps, lr=0.1, momentum=0.9),
         "SGDP per-tensor": lambda ps: adampx.SGDP(ps, lr=0.1, momentum=0.9, foreach=False),
         "SGD foreach": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True),
@@ -276,10 +312,17 @@ def worst_difference(actual: Sequence[Tensor], expected: Sequence[Tensor]) -> tu
 F32, F64 = torch.float32, torch.float64
 
 
+def parity_kwargs() -> dict[str, dict[str, Any]]:
+    """The hyperparameters of the parity checks, per optimizer."""
+    return {
+        "AdamP": dict(lr=1e-2, weight_decay=1e-2),
+        "SGDP": dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True),
+    }
+
+
 def parity_optimizers() -> dict[str, tuple[Factory, Factory, Factory | None]]:
     """name -> (default path, per-tensor path, reference package or None) for the parity."""
-    adam: dict[str, Any] = dict(lr=1e-2, weight_decay=1e-2)
-    sgd: dict[str, Any] = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    adam, sgd = parity_kwargs()["AdamP"], parity_kwargs()["SGDP"]
     ref = reference
     return {
         "AdamP": (
@@ -312,6 +355,14 @@ def check_parity(device: torch.device, steps: int = 5) -> list[CheckResult]:
                 (f"{name} float64 vs reference", (ours, F64, False), (ref, F64, False), 1e-10)
             )
         base32: Run = (ours, F32, False)
+        if TRITON:
+            triton_run = forced(adampx.AdamP if name == "AdamP" else adampx.SGDP, "triton")
+            kwargs = parity_kwargs()[name]
+            comparisons.append(
+                (f"{name} triton vs per-tensor, float64",
+                 (lambda ps, c=triton_run, k=kwargs: c(ps, **k), F64, False),
+                 (per_tensor, F64, False), 1e-10)
+            )  # fmt: skip
         comparisons += [
             (f"{name} default vs per-tensor, float64", (ours, F64, False), (per_tensor, F64, False),
              1e-10),
@@ -521,9 +572,12 @@ def time_set(name: str, rounds: int, device: torch.device) -> dict[str, float]:
         )
     if reference is None:
         print("  (reference AdamP / SGDP skipped: the package adamp is not installed)")
-    ratio = medians["AdamP default"] / medians["AdamW fused"]
-    verdict = "PASS" if ratio <= TARGET_RATIO else "MISS"
-    print(f"  target AdamP default <= {TARGET_RATIO}x AdamW fused: {ratio:.2f}x  {verdict}")
+    for ours, fused in (("AdamP default", "AdamW fused"), ("AdamP triton", "AdamW fused"),
+                        ("SGDP triton", "SGD fused")):  # fmt: skip
+        if ours in medians:
+            ratio = medians[ours] / medians[fused]
+            verdict = "PASS" if ratio <= TARGET_RATIO else "MISS"
+            print(f"  target {ours} <= {TARGET_RATIO}x {fused}: {ratio:.2f}x  {verdict}")
     return medians
 
 

@@ -21,6 +21,9 @@ Which backend steps which tensor is decided in one place, :mod:`adampx.backends.
 ``cpu-kernel`` ``fused=True``: one C kernel per group, built by the system compiler
 ``flat``       CUDA's default: the tested tensors concatenated in flat buffers, the test
                of all at once, torch's fused kernels (runs on CPU tensors when forced)
+``triton``     five Triton kernels per group on CUDA, the tensors reached in place (on CPU
+               tensors in Triton's interpreter with ``TRITON_INTERPRET=1``); for now only
+               through :func:`force`
 =============  ==========================================================================
 
 :func:`available` lists the backends that can run here; :func:`force` makes every step in
@@ -34,11 +37,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from types import ModuleType
 
-from adampx.backends import cpu, cpu_kernel, eager, flat, foreach
+from adampx.backends import cpu, cpu_kernel, eager, flat, foreach, triton
 
 __all__ = ["NAMES", "available", "force", "forced", "get"]
 
-_BACKENDS: dict[str, ModuleType] = {m.NAME: m for m in (eager, foreach, cpu, cpu_kernel, flat)}
+_BACKENDS: dict[str, ModuleType] = {
+    m.NAME: m for m in (eager, foreach, cpu, cpu_kernel, flat, triton)
+}
 
 NAMES: tuple[str, ...] = tuple(_BACKENDS)
 

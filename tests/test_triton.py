@@ -1,0 +1,405 @@
+"""The ``triton`` backend's kernels against the eager math and the reference package.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (``conftest.py`` turns
+it on), one program after another, a few milliseconds each: the models here are small, and
+the block and chunk sizes are made small (16 and 40 elements) so that rows of length 1,
+below, at and above a block, and untested tensors of several chunks all occur. Every
+comparison has the projection firing: the gradients are made so that each tested tensor
+takes the outcome its name says (channel view, layer view, none), and the test checks the
+decisions. What the interpreter cannot check, whether the kernels compile for a GPU, is
+checked by compiling every kernel variant for sm_80 and sm_90 (no GPU needed).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import adamp as ref
+import pytest
+import torch
+from torch import Tensor, nn
+
+import adampx
+from adampx import SGDP, AdamP, backends
+from test_parity_reference import spy
+
+if not backends.get("triton").runs_here():
+    # the test extra installs triton on Linux x86_64: there it must run
+    assert platform.system() != "Linux" or platform.machine() != "x86_64", (
+        "the triton backend cannot run: install the test extra (pip install -e '.[test]')"
+    )
+    pytest.skip("the test extra installs triton on Linux x86_64 only", allow_module_level=True)
+
+triton_backend = backends.get("triton")
+
+# The shapes and the outcome each tested one is given (see ``gradients``): rows of length
+# 1, 12 (below the block of 16), 16 (at it) and 40 (above it), a tensor projected as a
+# whole, one not projected, and untested ones of 1, 7 and 100 elements (3 chunks of 40).
+SHAPES: dict[str, tuple[tuple[int, ...], str]] = {
+    "rows-of-1": ((5, 1), "channel"),
+    "below-block": ((4, 3, 2, 2), "channel"),
+    "at-block": ((3, 16), "channel"),
+    "above-block": ((2, 40), "channel"),
+    "whole": ((4, 10), "layer"),
+    "whole-long-rows": ((2, 24), "layer"),
+    "not-invariant": ((3, 5), "none"),
+    "bias": ((7,), "untested"),
+    "one": ((1,), "untested"),
+    "long-bias": ((100,), "untested"),
+}
+
+CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
+    "adamp": (AdamP, dict(lr=1e-2, weight_decay=0.1, wd_ratio=0.2)),
+    "adamp-nesterov-max": (
+        AdamP,
+        dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, nesterov=True, maximize=True),
+    ),
+    "adamp-tensor-lr": (AdamP, dict(lr=torch.tensor(1e-2), weight_decay=0.1)),
+    "sgdp": (SGDP, dict(lr=0.05, momentum=0.9, weight_decay=0.1)),
+    "sgdp-nesterov": (SGDP, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    "sgdp-damp-max": (
+        SGDP,
+        dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.1, maximize=True),
+    ),
+    "sgdp-no-momentum": (SGDP, dict(lr=0.1, weight_decay=0.1)),
+}
+DELTA = 0.5  # every tensor here has rows of at most 40: a cosine of 0 passes, 0.5 fails
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triton_backend, "BLOCK", 16)
+    monkeypatch.setattr(triton_backend, "CHUNK", 40)
+
+
+def make_params(dtype: torch.dtype = torch.float64) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype))
+        for shape, _ in SHAPES.values()
+    ]
+
+
+def _radial_free(g: Tensor, p: Tensor) -> Tensor:
+    """``g`` less its radial part in every row (dim 0) of ``p``."""
+    dims = tuple(range(1, p.dim()))
+    return g - (g * p).sum(dims, keepdim=True) / (p * p).sum(dims, keepdim=True) * p
+
+
+def gradients(params: list[Tensor], seed: int) -> list[Tensor]:
+    """Gradients that give each tested tensor the outcome of :data:`SHAPES`: "channel",
+    orthogonal to every row; "layer", orthogonal to the whole tensor but with rows that
+    point along the weights (alternately, so that their radial parts cancel); "none",
+    along the weights."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    for p, (_, outcome) in zip(params, SHAPES.values(), strict=True):
+        w = p.detach().double()
+        g = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+        if outcome == "channel":
+            g = _radial_free(g, w)
+        elif outcome == "layer":
+            dims = tuple(range(1, w.dim()))
+            signs = torch.tensor([(-1.0) ** i for i in range(w.shape[0])], dtype=torch.float64)
+            scale = 10 * signs / (w * w).sum(dims)  # rows far from orthogonal
+            scale[-1] = -(scale[:-1] * (w[:-1] * w[:-1]).sum(dims)).sum() / (w[-1] ** 2).sum()
+            g = _radial_free(g, w) + scale.view(-1, *[1] * len(dims)) * w
+        elif outcome == "none":
+            g = g + 3 * w
+        grads.append(g.to(p.dtype))
+    return grads
+
+
+def make_opt(cls: type, hyper: dict[str, Any], params: Any, **extra: Any) -> Any:
+    hyper = {k: v.clone() if isinstance(v, Tensor) else v for k, v in hyper.items()}
+    return cls(params, **{"delta": DELTA, **hyper, **extra})
+
+
+def train(opt: Any, params: list[Tensor], backend: str, steps: int = 3, start: int = 0) -> None:
+    for k in range(start, start + steps):
+        for p, g in zip(params, gradients(params, k), strict=True):
+            p.grad = g
+        with backends.force(backend):
+            opt.step()
+
+
+class LaunchSpy:
+    """Counts the launches of each kernel of the backend."""
+
+    NAMES = ("row_sums_kernel", "test_kernel", "dots_kernel", "layer_dots_kernel", "update_kernel")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from adampx.backends.triton import kernels
+
+        self.launches: list[str] = []
+        for name in self.NAMES:
+            monkeypatch.setattr(kernels, name, self._wrap(name, getattr(kernels, name)))
+
+    def _wrap(self, name: str, kernel: Any) -> Any:
+        spy = self
+
+        class Wrapped:
+            def __getitem__(self, grid: Any) -> Callable[..., Any]:
+                launch = kernel[grid]
+
+                @functools.wraps(launch)
+                def run(*args: Any, **kwargs: Any) -> Any:
+                    spy.launches.append(name)
+                    return launch(*args, **kwargs)
+
+                return run
+
+        return Wrapped()
+
+
+def assert_close(a: list[Tensor], b: list[Tensor], **tol: Any) -> None:
+    for (name, _), x, y in zip(SHAPES.items(), a, b, strict=True):
+        torch.testing.assert_close(x, y, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+F64 = dict(rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------- against the eager math
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_kernels_match_the_eager_math(config: str) -> None:
+    """Three float64 steps of every outcome, row length and option equal the eager math's,
+    state included; the decisions are the eager math's, and all outcomes occur."""
+    cls, hyper = CONFIGS[config]
+    results = {}
+    for backend in ("eager", "triton"):
+        params = make_params()
+        opt = make_opt(cls, hyper, params, track_statistics=True)
+        train(opt, params, backend)
+        views = [s.view for s in opt.statistics()]
+        results[backend] = (params, opt, views)
+    (p_eager, opt_eager, views_eager), (p_triton, opt_triton, views_triton) = results.values()
+    assert_close(p_triton, p_eager, **F64)
+    for a, b in zip(p_triton, p_eager, strict=True):
+        for key, value in opt_eager.state[b].items():
+            torch.testing.assert_close(opt_triton.state[a][key], value, **F64)
+    assert views_triton == views_eager
+    expected = [o if o != "untested" else "skipped" for _, o in SHAPES.values()]
+    assert views_eager == expected
+
+
+@pytest.mark.parametrize("config", ["adamp", "adamp-nesterov-max", "sgdp", "sgdp-nesterov"])
+def test_kernels_match_the_reference_package(config: str) -> None:
+    """The same, against ``adamp==0.3.0`` (SGDP without nesterov: with the reference's
+    buffer aliasing fixed, see test_parity_reference)."""
+    cls, hyper = CONFIGS[config]
+    hyper = {k: v for k, v in hyper.items() if k != "maximize"}
+    reference_cls = ref.AdamP if cls is AdamP else spy(ref.SGDP, fixed=not hyper.get("nesterov"))
+    ours, theirs = make_params(), make_params()
+    opt = make_opt(cls, hyper, ours)
+    reference = reference_cls(theirs, **{"delta": DELTA, **hyper})
+    train(opt, ours, "triton")
+    for k in range(3):
+        for p, g in zip(theirs, gradients(theirs, k), strict=True):
+            p.grad = g
+        reference.step()
+    assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("config", ["adamp", "sgdp-nesterov"])
+def test_lower_precision(dtype: torch.dtype, config: str) -> None:
+    """float32 params within float32 rounding of the eager math; half params (stepped
+    through their float32 copies, state in float32) within one unit in the last place."""
+    cls, hyper = CONFIGS[config]
+    results = []
+    for backend in ("eager", "triton"):
+        params = make_params(dtype)
+        train(make_opt(cls, hyper, params), params, backend)
+        results.append(params)
+    if dtype == torch.float32:
+        assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+        return
+    for name, a, b in zip(SHAPES, results[1], results[0], strict=True):
+        ulp = torch.finfo(dtype).eps * b.detach().float().abs().clamp_min(1e-3)
+        assert ((a.float() - b.float()).abs() <= ulp).all(), name
+
+
+def test_complex_params_through_their_real_view() -> None:
+    def params() -> list[nn.Parameter]:
+        gen = torch.Generator().manual_seed(3)
+        return [
+            nn.Parameter(torch.randn(4, 5, generator=gen, dtype=torch.complex128)),
+            nn.Parameter(torch.randn(3, generator=gen, dtype=torch.complex128)),
+        ]
+
+    results = []
+    for backend in ("eager", "triton"):
+        ps = params()
+        opt = AdamP(ps, lr=1e-2, weight_decay=0.1, delta=0.5)
+        for k in range(2):
+            gen = torch.Generator().manual_seed(10 + k)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            with backends.force(backend):
+                opt.step()
+        results.append(ps)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **F64)
+
+
+def test_groups_with_their_own_hyperparameters() -> None:
+    """Two groups (different lr, weight decay, delta, wd_ratio, projection off in one)."""
+    results = []
+    for backend in ("eager", "triton"):
+        params = make_params()
+        groups = [
+            {"params": params[:4], "lr": 2e-2, "weight_decay": 0.3, "wd_ratio": 0.5},
+            {"params": params[4:], "delta": 0.05, "projection": False},
+        ]
+        train(AdamP(groups, lr=1e-2, weight_decay=0.1, delta=DELTA), params, backend)
+        results.append(params)
+    assert_close(results[1], results[0], **F64)
+
+
+# --------------------------------------------------------------------- checkpoints, layout
+
+
+@pytest.mark.parametrize("config", ["adamp", "sgdp"])
+def test_checkpoint_resumes_on_another_backend(config: str) -> None:
+    """Two steps on ``triton``, a checkpoint, one step on the eager math: the three steps
+    of the eager math alone."""
+    cls, hyper = CONFIGS[config]
+    params = make_params()
+    opt = make_opt(cls, hyper, params)
+    train(opt, params, "triton", steps=2)
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = make_opt(cls, hyper, params)
+    resumed.load_state_dict(saved)
+    train(resumed, params, "eager", steps=1, start=2)
+    expected = make_params()
+    train(make_opt(cls, hyper, expected), expected, "eager")
+    assert_close(params, expected, **F64)
+
+
+def test_tensors_it_cannot_take_are_refused_when_forced() -> None:
+    """A channels_last weight (rows not contiguous) or an empty tensor is an error under
+    ``force("triton")``; the default routing never sends CPU tensors to Triton."""
+    weight = nn.Parameter(torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last))
+    weight.grad = torch.randn_like(weight)
+    opt = AdamP([weight], lr=1e-2)
+    with backends.force("triton"), pytest.raises(ValueError, match=r"'triton'.*contiguous"):
+        opt.step()
+    empty = nn.Parameter(torch.zeros(0, 3))
+    empty.grad = torch.zeros(0, 3)
+    with backends.force("triton"), pytest.raises(ValueError, match="non-empty"):
+        AdamP([empty], lr=1e-2).step()
+    assert "triton" not in [b.NAME for b in adampx.backends.plan.chain(
+        adampx.algorithm.spec.Step(
+            optimizer="adamp", lr=1e-2, eps=1e-8, weight_decay=0.0, delta=0.1, wd_ratio=0.1,
+            nesterov=False, maximize=False, projection=True,
+        ),
+        foreach_flag=None, fused=False, workspace=None,
+    )[0]]  # fmt: skip
+
+
+# ------------------------------------------------------------------ launches, host data
+
+
+def test_launches_do_not_grow_with_the_number_of_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five kernel launches per step and group (AdamP adds one multi-tensor increment of
+    its step counters), for 10 tensors as for 30; after the first step the address tables
+    come from the workspace (no tensor is built from host data)."""
+    launches = LaunchSpy(monkeypatch)
+    built: list[int] = []
+    tables = triton_backend._tables
+    monkeypatch.setattr(
+        triton_backend,
+        "_tables",
+        lambda *a: built.append(1) or tables(*a),  # type: ignore[func-returns-value]
+    )
+    for copies in (1, 3):
+        params = [p for _ in range(copies) for p in make_params()]
+        opt = AdamP(params, lr=1e-2, weight_decay=0.1, delta=DELTA)
+        grads = [g for _ in range(copies) for g in gradients(make_params(), 0)]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        for step in range(3):
+            launches.launches.clear()
+            built.clear()
+            with backends.force("triton"):
+                opt.step()
+            assert sorted(launches.launches) == sorted(LaunchSpy.NAMES), launches.launches
+            assert built == ([1] if step == 0 else []), (copies, step)
+
+
+# ----------------------------------------------------------- compiled for a GPU, no GPU
+
+
+COMPILE_ALL = textwrap.dedent(
+    """
+    import itertools, os
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from adampx.backends.triton import kernels
+
+    LONGS = {"ptrs", "step_ptrs", "row_tensor", "row_start", "row_len", "row_tested",
+             "chunk_tensor", "chunk_start", "chunk_len", "first_row", "rows"}
+
+    def arg_type(name, fp):
+        if name in ("T", "R", "TT"):
+            return "i32"
+        if name.endswith("_bits"):
+            return "i64"
+        if name == "sign":
+            return "fp32"
+        if name == "mode":
+            return "*i32"
+        if name in LONGS:
+            return "*i64"
+        if name == "lr_ptr":
+            return "*fp32"
+        if name == "decay_ptr":
+            return "*fp64"
+        return "*fp64" if fp else "*fp32"
+
+    compiled = 0
+    for capability in (80, 90):
+        target = GPUTarget("cuda", capability, 32)
+        for name in ("row_sums_kernel", "test_kernel", "dots_kernel", "layer_dots_kernel",
+                     "update_kernel"):
+            kernel = getattr(kernels, name)
+            flags = [f for f in ("ADAM", "NESTEROV", "LR_TENSOR") if f in kernel.arg_names]
+            for fp in (False, True):
+                for values in itertools.product((False, True), repeat=len(flags)):
+                    constants = dict(BLOCK=1024, FP64=fp, **dict(zip(flags, values)))
+                    signature = {
+                        a: "constexpr" if a in constants else arg_type(a, fp)
+                        for a in kernel.arg_names
+                    }
+                    triton.compile(ASTSource(kernel, signature, constexprs=constants),
+                                   target=target)
+                    compiled += 1
+    print(compiled)
+    """
+)
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path: Any) -> None:
+    """The interpreter runs code a GPU compiler rejects (a function returning pointers of
+    two types, say): every kernel, in every variant the backend launches, is compiled to
+    PTX and a cubin for compute capabilities 8.0 and 9.0, with no GPU attached."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compiled here, not found in a cache
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_ALL], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) == 2 * (2 + 2 + 8 + 2 + 16)
