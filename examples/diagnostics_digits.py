@@ -14,10 +14,10 @@ import argparse
 from pathlib import Path
 
 import torch
+from digits_cnn import load_digits, make_model
 from torch import nn
 
 import adampx
-from adampx.experiments.data import DataError, load_dataset
 from adampx.tools.monitor import NormMonitor, NormRecord
 from adampx.tools.plots import plot_norm_curves, plot_norm_growth, plot_projection_fraction
 from adampx.tools.statistics import TensorStatistics
@@ -32,39 +32,12 @@ OPTIMIZERS = {
 }
 
 
-def load_digits(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's digits (1,797 real 8×8 images, no download): the training split."""
-    try:
-        data = load_dataset("digits", seed=seed)
-    except DataError as e:  # scikit-learn missing
-        raise SystemExit(str(e)) from None
-    x_train, y_train = data.train.tensors  # type: ignore[attr-defined]
-    return x_train, y_train
-
-
-def make_model() -> nn.Sequential:
-    """A small CNN; every conv is bias-free and followed by BatchNorm (scale invariant)."""
-
-    def block(c_in: int, c_out: int) -> list[nn.Module]:
-        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-
-    return nn.Sequential(
-        *block(1, 32),
-        *block(32, 32),
-        nn.MaxPool2d(2),
-        *block(32, 64),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(64, 10),
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("diagnostics"))
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
-    x_train, y_train = load_digits(seed=0)
+    x_train, y_train = load_digits(seed=0).train.tensors  # type: ignore[attr-defined]
 
     torch.manual_seed(0)
     report = adampx.inspect(make_model(), x_train[:256])

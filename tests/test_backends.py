@@ -384,7 +384,15 @@ def test_public_names() -> None:
     plots = importlib.import_module("adampx.plots")
     tools_plots = importlib.import_module("adampx.tools.plots")
     assert set(tools_plots.__all__) <= set(dir(plots))
-    for name in ("AdamP", "SGDP", "NormMonitor", "inspect", "param_groups", "backends"):
+    for name in (
+        "AdamP",
+        "SGDP",
+        "Projected",
+        "NormMonitor",
+        "inspect",
+        "param_groups",
+        "backends",
+    ):
         assert name in adampx.__all__ and hasattr(adampx, name), name
     assert callable(importlib.import_module("adampx.adamp").adamp)
     assert callable(importlib.import_module("adampx.sgdp").sgdp)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from adampx import SGDP, AdamP
+from adampx import SGDP, AdamP, Projected
 
 STEPS = 5
 CONFIGS: dict[str, Callable[[Any, bool], torch.optim.Optimizer]] = {
@@ -249,3 +249,61 @@ def test_dcp_checkpoint_resumes_on_another_number_of_ranks(
     params = torch.load(out, weights_only=True)
     for i, (p, r) in enumerate(zip(params, reference[("adamp", False)][0], strict=True)):
         torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12, msg=f"param {i}")
+
+
+def make_projected(ps: Any, foreach: bool, delta: float = 0.1) -> Projected:
+    """``Projected(AdamW)`` with the math of ``CONFIGS["adamp"]`` (AdamW's defaults are
+    AdamP's), whose single-process run is in the ``reference`` fixture."""
+    inner = torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0, foreach=foreach)
+    return Projected(inner, weight_decay=0.1, delta=delta)
+
+
+def _projected_worker(rank: int, world: int, store: str, out: str) -> None:
+    """FSDP2 (``fully_shard``) training with :func:`make_projected`, per foreach setting."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for foreach in (False, True):
+            model = make_model()
+            net = fully_shard(model)
+            train(net, make_projected(model.parameters(), foreach), STEPS, torch.float64)
+            results[foreach] = [full(p).detach().clone() for p in model.parameters()]
+        if rank == 0:
+            torch.save(results, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.slow
+def test_projected_adamw_under_fsdp2_equals_one_process(
+    tmp_path: Path, reference: dict[Any, Any]
+) -> None:
+    """``Projected(AdamW)`` on 2 FSDP2 ranks: the single-process run of itself, and of
+    AdamP (equal math), to 1e-10; the projection fired (delta=0 gives other numbers)."""
+    out, store = str(tmp_path / "projected.pt"), str(tmp_path / "projected.store")
+    mp.spawn(_projected_worker, args=(2, store, out), nprocs=2, join=True)
+    results = torch.load(out, weights_only=True)
+    assert set(results) == {False, True}
+    for foreach, params in results.items():
+        model, unprojected = make_model(), make_model()
+        train(model, make_projected(model.parameters(), foreach), STEPS, torch.float64)
+        train(
+            unprojected,
+            make_projected(unprojected.parameters(), foreach, delta=0.0),
+            STEPS,
+            torch.float64,
+        )
+        ref_params, ref_views = reference[("adamp", foreach)]
+        for i, (p, q, r) in enumerate(zip(params, model.parameters(), ref_params, strict=True)):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=f"{foreach} param {i}")
+            torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12, msg=f"{foreach} param {i}")
+        fired = {v for step in ref_views for v in step.values()}
+        assert {"channel", "layer"} <= fired
+        conv, fc = params[0], params[3]  # the scale-invariant weights
+        for p, u in ((conv, unprojected[0].weight), (fc, unprojected[4].weight)):
+            assert (p - u).abs().max() > 1e-6

@@ -3,6 +3,7 @@
 from adampx import backends
 from adampx.adamp import AdamP
 from adampx.backends.cpu_kernel import KernelBuildError
+from adampx.projected import Projected
 from adampx.sgdp import SGDP
 from adampx.tools.inspection import inspect
 from adampx.tools.monitor import NormMonitor
@@ -13,9 +14,11 @@ __all__ = [
     "AdamP",
     "KernelBuildError",
     "NormMonitor",
+    "Projected",
     "__version__",
     "backends",
     "inspect",
     "param_groups",
 ]
 __version__ = "0.1.0"
+"""The version of this package."""

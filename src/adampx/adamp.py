@@ -173,13 +173,14 @@ def adamp(
 ) -> None:
     """Functional AdamP step, in place on ``params`` and the state lists (see module doc).
 
+    ``params``, ``grads``, ``exp_avgs`` and ``exp_avg_sqs`` are the tensors of one param group,
+    aligned by index; ``lr``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``delta``,
+    ``wd_ratio``, ``nesterov``, ``maximize`` and ``projection`` are as in :class:`AdamP`.
+
     Args:
-        params, grads, exp_avgs, exp_avg_sqs: tensors of one param group, aligned by index.
         state_steps: 0-d float32 step counters on the params' devices (incremented here).
         foreach: multi-tensor (True) or per-tensor (False) eager math; None chooses.
         fused: True runs the compiled CPU kernel (the ``cpu-kernel`` backend).
-        lr, beta1, beta2, eps, weight_decay, delta, wd_ratio, nesterov, maximize, projection:
-            as in :class:`AdamP`.
         decisions: if given, receives the scale-invariance decision of every tested param.
         workspace: scratch buffers kept between calls (the optimizer passes its own);
             without, the backends allocate theirs at every call (and CUDA tensors take the

@@ -10,7 +10,7 @@ Per tensor ``p`` with gradient ``g``, momentum ``μ``, dampening ``τ``::
     p ← p − lr·d
 
 The momentum buffer ``b`` itself is never projected (the paper's algorithm; the reference
-package projects it by accident when nesterov is off, see the README's migration notes).
+package projects it by accident when nesterov is off, see ``docs/migrating.md``).
 
 As in :mod:`adampx.adamp`, ``SGDP.step`` makes one call per group to :func:`sgdp`, which
 describes the step once (:class:`adampx.algorithm.spec.Step`) and hands the tensors to
@@ -170,12 +170,13 @@ def sgdp(
 ) -> None:
     """Functional SGDP step, in place on ``params`` and ``momentum_buffers`` (see module doc).
 
+    ``params``, ``grads`` and ``momentum_buffers`` are the tensors of one param group, aligned
+    by index; ``lr``, ``momentum``, ``dampening``, ``weight_decay``, ``nesterov``, ``eps``,
+    ``delta``, ``wd_ratio``, ``maximize`` and ``projection`` are as in :class:`SGDP`.
+
     Args:
-        params, grads, momentum_buffers: tensors of one param group, aligned by index.
         foreach: multi-tensor (True) or per-tensor (False) eager math; None chooses.
         fused: True runs the compiled CPU kernel (the ``cpu-kernel`` backend).
-        lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio, maximize,
-        projection: as in :class:`SGDP`.
         decisions: if given, receives the scale-invariance decision of every tested param.
         workspace: scratch buffers kept between calls (the optimizer passes its own);
             without, the backends allocate theirs at every call (and CUDA tensors take the

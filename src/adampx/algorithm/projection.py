@@ -53,6 +53,7 @@ __all__ = [
     "keep_factor",
     "layer_view",
     "project_",
+    "project_with_",
     "projection_coefficients",
     "radial_scale",
     "row_statistics",
@@ -102,9 +103,9 @@ class Decision(NamedTuple):
         return self.channel | self.layer
 
 
-# Where a caller wants them (optimizer statistics), the decisions of the scale-invariance test,
-# keyed by the parameter as the user holds it.
 Decisions = dict[Tensor, Decision]
+"""Where a caller wants them (optimizer statistics), the decisions of the scale-invariance
+test, keyed by the parameter as the user holds it."""
 
 
 def is_projectable(p: Tensor) -> bool:
@@ -435,6 +436,14 @@ def project_(
         ``(r, decision)``: ``r`` is the weight-decay multiplier as a 0-d tensor of ``u``'s dtype
         (``wd_ratio`` where the projection fired, else 1), and the :class:`Decision`.
     """
-    outcome = outcome_of(row_statistics(p, g), delta, eps)
+    return project_with_(p, u, row_statistics(p, g), delta=delta, wd_ratio=wd_ratio, eps=eps)
+
+
+def project_with_(
+    p: Tensor, u: Tensor, stats: RowStatistics, *, delta: float, wd_ratio: float, eps: float
+) -> tuple[Tensor, Decision]:
+    """:func:`project_` from row statistics taken earlier (``row_statistics(p, g)``), for a
+    caller whose gradient may have changed since (``adampx.Projected``)."""
+    outcome = outcome_of(stats, delta, eps)
     apply_projection_(p, u, outcome.coefficients(replicated(row_dot(p, u))))
     return like_param(outcome.ratio(wd_ratio).to(u.dtype), p), outcome.decision(delta)

@@ -46,6 +46,7 @@ _BACKENDS: dict[str, ModuleType] = {
 }
 
 NAMES: tuple[str, ...] = tuple(_BACKENDS)
+"""The names of all the backends (:func:`available` lists those that can run here)."""
 
 _FORCED: ContextVar[ModuleType | None] = ContextVar("adampx_forced_backend", default=None)
 

@@ -156,7 +156,8 @@ def inspect(
         *example_inputs: positional inputs for ``model(*example_inputs)``, a real batch (a
             batch of one sample makes BatchNorm degenerate).
         rtol: largest relative change of the output that still counts as invariant.
-        delta, eps: AdamP's threshold and eps for the cosine test.
+        delta: AdamP's threshold for the cosine test.
+        eps: AdamP's eps for the cosine test.
         loss_fn: maps the output to the scalar whose gradient feeds the cosine test; the
             default is a fixed random linear function of all outputs.
         seed: seeds the scale factors and the default loss.

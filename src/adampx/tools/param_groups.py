@@ -24,7 +24,11 @@ __all__ = ["param_groups"]
 
 
 def param_groups(
-    model: nn.Module, *, report: Report | None = None, decay_1d: bool = False
+    model: nn.Module,
+    *,
+    report: Report | None = None,
+    decay_1d: bool = False,
+    projected: bool = False,
 ) -> list[dict[str, Any]]:
     """Split ``model``'s trainable parameters into optimizer param groups.
 
@@ -34,9 +38,14 @@ def param_groups(
             ``invariance == "none"`` get ``projection=False`` (all-zero weights, which the
             probe cannot measure, keep the projection).
         decay_1d: keep weight decay on 0-d/1-d tensors (default False: no decay there).
+        projected: groups for an optimizer that :class:`adampx.Projected` wraps: the keys
+            are ``projected`` and ``projected_weight_decay`` (the wrapper's), not
+            ``projection`` and ``weight_decay`` (the wrapped optimizer's, which must not
+            decay).
 
     Returns:
-        A list of param-group dicts for ``AdamP(groups, lr=..., weight_decay=...)``.
+        A list of param-group dicts for ``AdamP(groups, lr=..., weight_decay=...)``, or,
+        with ``projected=True``, for ``Projected(AdamW(groups, ..., weight_decay=0), ...)``.
     """
     not_invariant = set()
     if report is not None:
@@ -57,9 +66,12 @@ def param_groups(
             plain.append((name, p))
         else:
             weights.append((name, p))
+    projection_key, decay_key = (
+        ("projected", "projected_weight_decay") if projected else ("projection", "weight_decay")
+    )
     groups: list[dict[str, Any]] = [
         {"params": weights},
-        {"params": plain, "projection": False},
-        {"params": small} if decay_1d else {"params": small, "weight_decay": 0.0},
+        {"params": plain, projection_key: False},
+        {"params": small} if decay_1d else {"params": small, decay_key: 0.0},
     ]
     return [g for g in groups if g["params"]]
