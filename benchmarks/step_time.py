@@ -3,6 +3,7 @@
     python benchmarks/step_time.py                 # all shape sets, 2 threads
     python benchmarks/step_time.py --sets resnet50 --rounds 15
     python benchmarks/step_time.py --sets resnet50 --baseline main~3   # vs an older adampx
+    python benchmarks/step_time.py --plot docs/figures/performance_cpu.png  # and a bar chart
 
 For each shape set (the parameter shapes of ResNet-50, of ViT-B/16, an LLM-like set of
 large matrices, and the demo's small ResNet, whose tensors are all small; generated here,
@@ -37,6 +38,11 @@ per-tensor and multi-tensor paths too), made with the same arguments as the curr
 interleaved with them, and each set's table is followed by one row per path: the median over
 rounds of the ratio current ÷ old within each round, its quartiles, both median step times,
 and "no slower": yes where the median ratio is at most 1.05 or 1 lies within its quartiles.
+
+``--plot PATH`` writes a horizontal bar chart (PNG, with matplotlib: the ``plot`` or ``demo``
+extra) of every candidate's median ratio to the matching fused torch optimizer, one panel
+per shape set, the quartiles as error bars, on a logarithmic axis with the fused optimizers
+at 1.
 
 The fused kernel's build time is measured once, at the start: ``load()`` of
 ``adampx.backends.cpu_kernel`` (looked up by that name when the benchmark runs) into a fresh
@@ -339,6 +345,7 @@ def measure_set(
             {
                 "set": name,
                 "candidate": label,
+                "family": family,
                 "ms": 1e3 * statistics.median(times[label]),
                 "ratio": statistics.median(ratios),
                 "ratio_q1": quartiles[0],
@@ -438,6 +445,83 @@ def end_to_end(rounds: int) -> None:
           f"interquartile {q[0]:+.1f} % to {q[2]:+.1f} %")  # fmt: skip
 
 
+def require_matplotlib() -> ModuleType:
+    """matplotlib's ``figure`` module, or an ImportError that names the extra to install."""
+    try:
+        from matplotlib import figure
+    except ImportError as exc:
+        raise ImportError(
+            "--plot needs matplotlib: pip install 'adampx[plot]' (or the 'demo' extra)"
+        ) from exc
+    return figure
+
+
+# bar colours by kind of candidate
+COLOURS = {"adampx": "tab:blue", "old": "tab:cyan", "torch": "tab:gray", "reference": "tab:red"}
+
+
+def kind(candidate: str) -> str:
+    """The kind of a candidate: "adampx", "old" (an older adampx, with --baseline), "torch"
+    or "reference"."""
+    if candidate.startswith(OLD):
+        return "old"
+    if candidate.startswith(("AdamP", "SGDP")):
+        return "adampx"
+    if candidate.startswith("reference"):
+        return "reference"
+    return "torch"
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Write a bar chart of ``rows`` (those of :func:`measure_set`, any number of sets) to
+    ``path``: per set, each candidate's median ratio to the matching fused torch optimizer,
+    with its quartiles as error bars, on a logarithmic axis; ``title`` above the panels."""
+    figure = require_matplotlib()
+    from matplotlib.patches import Patch
+
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    per_set = {name: [r for r in rows if r["set"] == name] for name in sets}
+    height = max(len(v) for v in per_set.values())
+    columns, lines = min(len(sets), 2), -(-len(sets) // 2)  # two panels a line
+    fig = figure.Figure(figsize=(6.5 * columns, 0.3 * height * lines + 1.5))
+    axes = fig.subplots(lines, columns, squeeze=False).ravel()
+    top = max(r["ratio_q3"] for r in rows)
+    ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 100) if t <= top * 1.6]
+    for ax, name in zip(axes, sets, strict=False):
+        set_rows = per_set[name][::-1]  # the first candidate at the top
+        y, at = [], 0.0
+        for i, r in enumerate(set_rows):  # a gap between the Adam and the SGD family
+            at += 0.0 if i == 0 else 1.0 if r["family"] == set_rows[i - 1]["family"] else 1.6
+            y.append(at)
+        ratios = [r["ratio"] for r in set_rows]
+        errors = [[r["ratio"] - r["ratio_q1"] for r in set_rows],
+                  [r["ratio_q3"] - r["ratio"] for r in set_rows]]  # fmt: skip
+        ax.barh(y, ratios, xerr=errors, capsize=2, height=0.7,
+                color=[COLOURS[kind(r["candidate"])] for r in set_rows])  # fmt: skip
+        for row_y, r in zip(y, set_rows, strict=True):
+            ax.text(r["ratio_q3"] * 1.05, row_y, f"{r['ratio']:.2f}", va="center", fontsize=7)
+        ax.set_yticks(y, [r["candidate"] for r in set_rows], fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlim(0.5, top * 1.6)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter("")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step time ÷ fused torch optimizer (median, quartiles)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    for ax in axes[len(sets) :]:
+        ax.set_visible(False)
+    kinds = [k for k in COLOURS if any(kind(r["candidate"]) == k for r in rows)]
+    labels = {"adampx": "adampx", "old": "adampx, older revision", "torch": "torch.optim",
+              "reference": "reference package (adamp)"}  # fmt: skip
+    fig.legend([Patch(color=COLOURS[k]) for k in kinds], [labels[k] for k in kinds],
+               loc="lower center", ncol=len(kinds), fontsize=8, frameon=False)  # fmt: skip
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 KERNEL_LOADER = "adampx.backends.cpu_kernel.load"
 KERNEL_CACHE = "ADAMPX_KERNEL_CACHE"
 
@@ -486,17 +570,29 @@ def main() -> None:
         action="store_true",
         help="with --baseline, compare the per-tensor and multi-tensor paths too",
     )
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        type=Path,
+        help="also write a bar chart of the ratios to the fused torch optimizers (PNG)",
+    )
     args = parser.parse_args()
     if args.baseline_all_paths and args.baseline is None:
         parser.error("--baseline-all-paths needs --baseline")
     if args.rounds < 1 or args.threads < 1:
         parser.error("--rounds and --threads must be at least 1")
+    if args.plot is not None:
+        try:
+            require_matplotlib()  # before the run, not after it
+        except ImportError as exc:
+            parser.error(str(exc))
     torch.set_num_threads(args.threads)
-    print(
+    header = (
         f"{date.today()}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, Python {platform.python_version()}, "
         f"torch {torch.__version__}, adampx {adampx.__version__}"
     )
+    print(header)
     built = kernel_build_seconds()
     print(f"fused kernel: built from scratch in {built:.2f} s, cached at {kernel_loader()()}")
     old, old_paths = None, ALL_BASELINE_PATHS if args.baseline_all_paths else BASELINE_PATHS
@@ -509,8 +605,12 @@ def main() -> None:
             f"baseline: adampx {old.module.__version__} at {args.baseline} ({old.commit[:12]}), "
             f"imported as {old.module.__name__}; its paths: {', '.join(old_paths)}"
         )
+    rows = []
     for name in args.sets:
-        measure_set(name, args.rounds, old=old, old_paths=old_paths)
+        rows += measure_set(name, args.rounds, old=old, old_paths=old_paths)
+    if args.plot is not None:
+        plot(rows, args.plot, f"{header}, {args.rounds} rounds")
+        print(f"\nplot: {args.plot}")
     if not args.no_end_to_end:
         end_to_end(args.rounds * 2)
 

@@ -89,6 +89,27 @@ def test_step_time_prints_every_candidate() -> None:
     assert float(end_to_end.group(4)) <= float(end_to_end.group(5))
 
 
+def test_step_time_plots_the_ratios(tmp_path: Path) -> None:
+    """--plot writes the bar chart of the ratios to the fused torch optimizers (a PNG)."""
+    path = tmp_path / "figures" / "step_time.png"
+    out = _run(
+        "step_time.py",
+        *("--sets", "small_resnet", "--rounds", "2", "--threads", "1", "--no-end-to-end"),
+        *("--plot", str(path)),
+    )
+    assert f"plot: {path}" in out
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_step_time_plot_without_matplotlib_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bench = _load("step_time")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'adampx\[plot\]'"):
+        bench.require_matplotlib()
+
+
 def test_step_time_kernel_build_from_scratch_restores_the_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -21,7 +21,7 @@ def _reproduce_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         description="Reproduce the paper's claims. The default quick suite runs the 2-D and 3-D "
         "toys and a small BatchNorm ResNet on scikit-learn's digits (ships with the package) "
         "with SGD/SGDP/Adam/AdamW/AdamP, with and without weight decay, 3 seeds; a few "
-        "minutes on a laptop CPU. Writes results.json, report.md and figures into --out.",
+        "minutes on a CPU. Writes results.json, report.md and figures into --out.",
     )
     p.add_argument("--suite", default="quick", help="quick (default) or full (more seeds, epochs)")
     p.add_argument(

@@ -1,10 +1,8 @@
 """The ``flat`` backend, CUDA's default: tested tensors concatenated in a few flat buffers.
 
 On a GPU the per-tensor test costs a few dozen kernel launches per tensor, and launches, not
-bytes, set the step time (AdamP's eager multi-tensor math on ResNet-50's 161 tensors: about
-2,200 operations and 30 ms per step on an H100, against 1 ms for fused AdamW). Here the
-number of operations does not grow with the number of tensors (about 200 per step on
-ResNet-50, ViT-B/16 or an LLM-like set):
+bytes, set the step time of the eager math. Here the number of operations does not grow with
+the number of tensors (``benchmarks/op_count.py`` counts them):
 
 1. The tested tensors are sorted by row length and cut into a few buckets (:func:`_plan`).
    A bucket's params are concatenated in memory order into a flat workspace buffer ``P``

@@ -16,9 +16,8 @@ class Workspace:
 
     The CPU kernels need a few buffers as large as the largest tensor. Allocated afresh at
     every step, memory of that size comes from the operating system each time and is
-    touched page by page (measured: the AdamP step on ResNet-50 shapes ran 2.6x slower, with
-    the page faults of a 9 MiB buffer, once the allocator had started to return such blocks
-    to the system). A :class:`Workspace` keeps the largest buffer asked for under each
+    touched page by page, a page fault at a time, once the allocator returns such blocks to
+    the system. A :class:`Workspace` keeps the largest buffer asked for under each
     name (its size depends on the step: the largest tensor or the largest bucket of tensors,
     per name), for the optimizer's life.
     The contents are scratch: every user writes before it reads.

@@ -10,7 +10,7 @@ Each tested tensor (rows = the channel view ``[n0, N/n0]``) is finished before t
 starts, so that what its second pass reads again is still in cache (the test needs all rows
 of a tensor, so a tensor cannot be finished in one pass). Row dot products run in
 ``torch.sparse.sampled_addmm`` (:func:`row_dots`): one pass over both operands that writes
-nothing param-sized, about twice as fast as a product into scratch and a row sum.
+nothing param-sized (a product into scratch and a row sum take two passes and a write).
 
 1. Row sums ``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i`` (three passes over ``p`` and ``g``), and the
    scale-invariance test on them (:func:`adampx.algorithm.projection.test`); its outcome is
@@ -150,10 +150,9 @@ def row_dots(
     :class:`_Diagonal` of this row count).
 
     One pass over ``a`` and ``b`` that writes nothing param-sized: ``torch.sparse.
-    sampled_addmm`` computes the product ``a @ b.T`` at the diagonal only. (A product into
-    scratch and a row sum, as this path did before, takes two passes and a write, and was
-    about twice as slow on large tensors.) The result is a view of a kept output (``slot``
-    0 or 1), valid until the next call with the same slot and row count.
+    sampled_addmm`` computes the product ``a @ b.T`` at the diagonal only (a product into
+    scratch and a row sum would take two passes and a write). The result is a view of a kept
+    output (``slot`` 0 or 1), valid until the next call with the same slot and row count.
     """
     into = diagonal(a.shape[0], a.dtype, workspace) if kept is None else kept
     torch.sparse.sampled_addmm(into.pattern, a, b.t(), beta=0.0, out=into.outputs[slot])

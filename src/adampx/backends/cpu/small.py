@@ -1,8 +1,8 @@
 """The ``cpu`` backend's small tested tensors, tested and stepped together.
 
-:mod:`adampx.backends.cpu.large` finishes one tested tensor at a time, in about 20 to 30
-operations of a few microseconds each whatever the tensor's size. On a tensor of a few
-thousand elements those operations, not its bytes, are the cost. Tested tensors of up to
+:mod:`adampx.backends.cpu.large` finishes one tested tensor at a time, in a few dozen
+operations whatever the tensor's size. On a tensor of a few thousand elements those
+operations' fixed costs, not its bytes, are the cost. Tested tensors of up to
 :data:`SMALL_ELEMENTS` elements are stepped here instead, in chunks of consecutive tensors of
 about :data:`CHUNK_ELEMENTS` elements (a chunk stays in cache between its test and its
 step):
@@ -10,7 +10,7 @@ step):
 1. Per tensor only its row sums, written into slices of one vector per sum over the
    chunk's rows: ``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i`` (and SGDP's ``p_i·b_i``, ``b`` the
    momentum before the step). Row dots are ``torch.linalg.vecdot``: on tensors this small
-   it costs half of the sparse product that large tensors take.
+   its fixed cost is below that of the sparse product that large tensors take.
 2. The test of every tensor of the chunk at once (:func:`adampx.algorithm.projection.test`
    on :class:`adampx.algorithm.segments.Segments`), and the per-row factors of the
    projection for all rows at once.
