@@ -1033,3 +1033,39 @@ def test_param_groups_for_projected_equal_adamp_with_param_groups() -> None:
         torch.allclose(a, b, rtol=1e-6, atol=0)
         for a, b in zip(one_group.parameters(), model.parameters(), strict=True)
     )
+
+
+def test_half_gradient_norms_do_not_overflow_in_the_test() -> None:
+    """A float16 gradient whose row norms exceed float16's range is tested in float32, as
+    AdamP tests it: a gradient parallel to the weight is not projected."""
+    w0 = torch.randn(4, 4096, generator=torch.Generator().manual_seed(0)).half()
+    results = []
+    for make in (
+        lambda ps: AdamP(ps, lr=1e-2),
+        lambda ps: Projected(adamw(ps, lr=1e-2)),
+    ):
+        w = nn.Parameter(w0.clone())
+        opt = make([w])
+        w.grad = (w0.float() * 2000).half()  # ‖g_i‖ = 2000·‖w_i‖ > 65504: parallel to w
+        opt.step()
+        results.append(w.detach().float())
+    torch.testing.assert_close(results[1], results[0], rtol=4e-3, atol=1e-3)  # fp16 rounding
+    assert (results[1].norm(dim=1) < w0.float().norm(dim=1) - 0.3).all()  # not projected
+
+
+def test_sparse_gradient_is_refused_before_anything_changes() -> None:
+    bias = nn.Parameter(torch.ones(4))
+    embedding = nn.Embedding(10, 4, sparse=True)
+    opt = Projected(torch.optim.Adagrad([bias, embedding.weight], lr=1e-2), weight_decay=0.5)
+    (embedding(torch.tensor([1])).sum() + bias.sum()).backward()
+    before = embedding.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"sparse gradient \(shape \(10, 4\)\)"):
+        opt.step()
+    assert torch.equal(bias.detach(), torch.ones(4))  # not decayed either
+    assert torch.equal(embedding.weight.detach(), before)
+
+
+def test_optimizer_whose_step_needs_a_closure_is_refused() -> None:
+    w = nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="LBFGS: its step needs a closure"):
+        Projected(torch.optim.LBFGS([w], lr=1))

@@ -42,7 +42,7 @@ from torch import Tensor
 from adampx.algorithm.projection import RowStatistics, project_with_, row_statistics
 from adampx.algorithm.spec import Step
 from adampx.optim.validation import check_flag, check_range
-from adampx.util.tensors import compute_view, real, write_back_
+from adampx.util.tensors import compute_view, write_back_
 
 __all__ = ["Projected"]
 
@@ -76,9 +76,12 @@ class Projected(torch.optim.Optimizer):
 
     Raises:
         TypeError: ``optimizer`` is not a torch optimizer.
-        ValueError: it already projects, a group has no numeric ``lr`` (Adafactor's relative
-            step size), a group of it has non-zero ``weight_decay`` (see above), or a
-            hyperparameter is out of range.
+        ValueError: it already projects, its step needs a closure (LBFGS: it evaluates the
+            gradient again during the step), a group has no numeric ``lr`` (Adafactor's
+            relative step size), a group of it has non-zero ``weight_decay`` (see above), or
+            a hyperparameter is out of range.
+        RuntimeError: at ``step()``, a tested param has a sparse gradient (nothing is
+            changed).
     """
 
     def __init__(
@@ -101,6 +104,13 @@ class Projected(torch.optim.Optimizer):
         if isinstance(optimizer, (Projected, ProjectedOptimizer)):
             raise ValueError(
                 f"Projected cannot wrap {type(optimizer).__name__}: it projects already"
+            )
+        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+        if closure is not None and closure.default is inspect.Parameter.empty:
+            raise ValueError(
+                f"Projected cannot wrap {type(optimizer).__name__}: its step needs a closure "
+                "(it evaluates the gradient again during the step, while the projection's "
+                "test reads it once, before the step)"
             )
         check_flag("allow_weight_decay", allow_weight_decay)
         self.allow_weight_decay = allow_weight_decay
@@ -207,14 +217,23 @@ class Projected(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pending: list[tuple[Step, list[Tensor], list[Tensor], list[RowStatistics]]] = []
+        # every check before anything changes: a refused step leaves the weights as they were
+        work = []
         for group in self.param_groups:
             self._check_group(group)
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
             step = _step_of(group)
             tested, untested = step.split(params)
+            for k in tested:
+                if params[k].grad.is_sparse:
+                    raise RuntimeError(
+                        f"Projected cannot test a param with a sparse gradient (shape "
+                        f"{tuple(params[k].shape)}): its test needs dense row sums; give that "
+                        "param its own optimizer, or projected=False in its group"
+                    )
+            work.append((step, params, tested, untested))
+        pending: list[tuple[Step, list[Tensor], list[Tensor], list[RowStatistics]]] = []
+        for step, params, tested, untested in work:
             if untested and step.weight_decay != 0:
                 # no copy kept: the decay before the wrapped step (see the module doc)
                 views = [compute_view(params[k]) for k in untested]
@@ -224,8 +243,10 @@ class Projected(torch.optim.Optimizer):
             if tested:
                 chosen = [params[k] for k in tested]
                 before = [compute_view(p.detach()).clone() for p in chosen]
+                # the gradient as the math sees it: float32 for half ones (their norms overflow)
                 stats = [
-                    row_statistics(b, real(p.grad)) for b, p in zip(before, chosen, strict=True)
+                    row_statistics(b, compute_view(p.grad))
+                    for b, p in zip(before, chosen, strict=True)
                 ]
                 pending.append((step, chosen, before, stats))
         if torch.compiler.is_compiling():
