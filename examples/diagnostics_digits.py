@@ -11,11 +11,11 @@ Needs the ``demo`` extra (scikit-learn, matplotlib). Under two minutes on a 2-co
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import torch
-from digits_cnn import load_digits, make_model
-from torch import nn
+from digits_cnn import load_digits, make_model, train_epoch
 
 import adampx
 from adampx.tools.monitor import NormMonitor, NormRecord
@@ -30,6 +30,11 @@ OPTIMIZERS = {
         groups, lr=0.1, momentum=0.9, weight_decay=1e-5, track_statistics=True
     ),
 }
+
+
+def _extend(views: list[TensorStatistics], optimizer: adampx.AdamP | adampx.SGDP) -> None:
+    """Keep the statistics of the optimizer's last step."""
+    views += optimizer.statistics()
 
 
 def main() -> None:
@@ -56,15 +61,11 @@ def main() -> None:
         track = lambda n, p: n in invariant and p.dim() > 1  # noqa: E731
         views[name] = []
         with NormMonitor(model, optimizer, every=5, track=track) as monitor:
+            record = None
+            if isinstance(optimizer, adampx.AdamP | adampx.SGDP):
+                record = functools.partial(_extend, views[name], optimizer)
             for _ in range(args.epochs):
-                order = torch.randperm(len(y_train))
-                for i in range(0, len(order), 64):
-                    idx = order[i : i + 64]
-                    optimizer.zero_grad()
-                    nn.functional.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-                    optimizer.step()
-                    if isinstance(optimizer, adampx.AdamP | adampx.SGDP):
-                        views[name] += optimizer.statistics()
+                train_epoch(model, optimizer, x_train, y_train, after_step=record)
         norms[name] = monitor.records
         first, last = norms[name][0].step, norms[name][-1].step
         total = {

@@ -3,6 +3,9 @@ package; the examples import it from beside them)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
 
 from adampx.experiments.data import DataError, DataSplits, load_dataset
@@ -32,3 +35,25 @@ def make_model() -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(64, 10),
     )
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 64,
+    after_step: Callable[[], None] | None = None,
+) -> None:
+    """One epoch of shuffled mini-batches (torch's global generator), cross-entropy loss;
+    ``after_step`` runs after every optimizer step."""
+    model.train()
+    order = torch.randperm(len(y))
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()

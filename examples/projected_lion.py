@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from digits_cnn import load_digits, make_model
+from digits_cnn import load_digits, make_model, train_epoch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -125,13 +125,7 @@ def train(
     track = lambda n, p: p.dim() == 4  # noqa: E731  (the convs; adampx.inspect confirms it)
     with NormMonitor(model, optimizer, every=5, track=track) as monitor:
         for epoch in range(epochs):
-            model.train()
-            order = torch.randperm(len(y_train))
-            for i in range(0, len(order), 64):
-                idx = order[i : i + 64]
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-                optimizer.step()
+            train_epoch(model, optimizer, x_train, y_train)
             model.eval()
             with torch.no_grad():
                 accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()

@@ -34,6 +34,69 @@ def _pointer(ptrs, array, T, t, FP64: tl.constexpr):
 
 
 @triton.jit
+def _arrays(ptrs, T, t, FP64: tl.constexpr):
+    """Tensor ``t``'s four data pointers: p, g and the two state arrays."""
+    return (
+        _pointer(ptrs, 0, T, t, FP64),
+        _pointer(ptrs, 1, T, t, FP64),
+        _pointer(ptrs, 2, T, t, FP64),
+        _pointer(ptrs, 3, T, t, FP64),
+    )
+
+
+@triton.jit
+def _moments(beta1_bits, beta2_bits, c1_bits, eps_bits, FP64: tl.constexpr):
+    """The direction's scalars (see :func:`_direction`) in the params' dtype."""
+    beta1 = _f64(beta1_bits)
+    beta2 = _f64(beta2_bits)
+    c1 = _f64(c1_bits)
+    eps = _f64(eps_bits)
+    if not FP64:
+        beta1 = beta1.to(tl.float32)
+        beta2 = beta2.to(tl.float32)
+        c1 = c1.to(tl.float32)
+        eps = eps.to(tl.float32)
+    return beta1, beta2, c1, eps
+
+
+@triton.jit
+def _load_direction(
+    p_ptr,
+    g_ptr,
+    s1_ptr,
+    s2_ptr,
+    at,
+    mask,
+    sign,
+    beta1,
+    beta2,
+    c1,
+    sqrt_bc2,
+    eps,
+    ADAM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+):
+    """A block's ``p``, its new state and its direction ``u``, from memory."""
+    p = tl.load(p_ptr + at, mask=mask, other=0)
+    g = sign * tl.load(g_ptr + at, mask=mask, other=0)
+    s1 = tl.load(s1_ptr + at, mask=mask, other=0)
+    s2 = tl.load(s2_ptr + at, mask=mask, other=0)
+    s1, s2, u = _direction(g, s1, s2, beta1, beta2, c1, sqrt_bc2, eps, ADAM, NESTEROV)
+    return p, s1, s2, u
+
+
+@triton.jit
+def _store_step(
+    p_ptr, s1_ptr, s2_ptr, at, mask, p, s1, s2, u, keep, step_size, coefficient, ADAM: tl.constexpr
+):
+    """The block's new state, and ``p ← p·keep − s·(u − c·p)``."""
+    tl.store(s1_ptr + at, s1, mask=mask)
+    if ADAM:
+        tl.store(s2_ptr + at, s2, mask=mask)
+    tl.store(p_ptr + at, p * keep - step_size * (u - coefficient * p), mask=mask)
+
+
+@triton.jit
 def _direction(
     g, s1, s2, beta1, beta2, c1, sqrt_bc2, eps, ADAM: tl.constexpr, NESTEROV: tl.constexpr
 ):
@@ -192,30 +255,17 @@ def dots_kernel(
         return
     t = tl.load(row_tensor + r)
     start = tl.load(row_start + r)
-    beta1 = _f64(beta1_bits)
-    beta2 = _f64(beta2_bits)
-    c1 = _f64(c1_bits)
-    eps = _f64(eps_bits)
-    if not FP64:
-        beta1 = beta1.to(tl.float32)
-        beta2 = beta2.to(tl.float32)
-        c1 = c1.to(tl.float32)
-        eps = eps.to(tl.float32)
+    beta1, beta2, c1, eps = _moments(beta1_bits, beta2_bits, c1_bits, eps_bits, FP64)
     _bc1, sqrt_bc2 = _corrections(step_ptrs, t, beta1, beta2, ADAM, FP64)
-    p_ptr = _pointer(ptrs, 0, T, t, FP64)
-    g_ptr = _pointer(ptrs, 1, T, t, FP64)
-    s1_ptr = _pointer(ptrs, 2, T, t, FP64)
-    s2_ptr = _pointer(ptrs, 3, T, t, FP64)
+    p_ptr, g_ptr, s1_ptr, s2_ptr = _arrays(ptrs, T, t, FP64)
     lanes = tl.arange(0, BLOCK)
     total = tl.zeros([BLOCK], eps.dtype)
     for offset in range(0, n, BLOCK):
         mask = offset + lanes < n
-        at = start + offset + lanes
-        p = tl.load(p_ptr + at, mask=mask, other=0)
-        g = sign * tl.load(g_ptr + at, mask=mask, other=0)
-        s1 = tl.load(s1_ptr + at, mask=mask, other=0)
-        s2 = tl.load(s2_ptr + at, mask=mask, other=0)
-        _s1, _s2, u = _direction(g, s1, s2, beta1, beta2, c1, sqrt_bc2, eps, ADAM, NESTEROV)
+        p, _s1, _s2, u = _load_direction(
+            p_ptr, g_ptr, s1_ptr, s2_ptr, start + offset + lanes, mask, sign, beta1, beta2, c1,
+            sqrt_bc2, eps, ADAM, NESTEROV,
+        )  # fmt: skip
         total += tl.where(mask, p * u, 0)
     tl.store(dots + r, tl.sum(total, 0))
 
@@ -278,10 +328,7 @@ def update_kernel(
     ``c = p·u/(‖p‖ + eps)²`` per row or for the whole tensor), then
     ``p ← p·(1 − a·r) − s·(u − c·p)`` (``s``: AdamP's ``lr/(1 − β1^t)``, SGDP's ``lr``)."""
     item = tl.program_id(0)
-    beta1 = _f64(beta1_bits)
-    beta2 = _f64(beta2_bits)
-    c1 = _f64(c1_bits)
-    eps = _f64(eps_bits)
+    beta1, beta2, c1, eps = _moments(beta1_bits, beta2_bits, c1_bits, eps_bits, FP64)
     ratio = _f64(ratio_bits)
     if LR_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float64)
@@ -290,10 +337,6 @@ def update_kernel(
         lr = _f64(lr_bits)
         decay = _f64(decay_bits)
     if not FP64:
-        beta1 = beta1.to(tl.float32)
-        beta2 = beta2.to(tl.float32)
-        c1 = c1.to(tl.float32)
-        eps = eps.to(tl.float32)
         ratio = ratio.to(tl.float32)
         lr = lr.to(tl.float32)
     coefficient = eps * 0
@@ -322,34 +365,25 @@ def update_kernel(
         keep = keep.to(tl.float32)
     bc1, sqrt_bc2 = _corrections(step_ptrs, t, beta1, beta2, ADAM, FP64)
     step_size = lr / bc1
-    p_ptr = _pointer(ptrs, 0, T, t, FP64)
-    g_ptr = _pointer(ptrs, 1, T, t, FP64)
-    s1_ptr = _pointer(ptrs, 2, T, t, FP64)
-    s2_ptr = _pointer(ptrs, 3, T, t, FP64)
+    p_ptr, g_ptr, s1_ptr, s2_ptr = _arrays(ptrs, T, t, FP64)
     lanes = tl.arange(0, BLOCK)
     if view == 1 and n <= BLOCK:  # a row in registers: its dot p·u here, no second read
         mask = lanes < n
         at = start + lanes
-        p = tl.load(p_ptr + at, mask=mask, other=0)
-        g = sign * tl.load(g_ptr + at, mask=mask, other=0)
-        s1 = tl.load(s1_ptr + at, mask=mask, other=0)
-        s2 = tl.load(s2_ptr + at, mask=mask, other=0)
-        s1, s2, u = _direction(g, s1, s2, beta1, beta2, c1, sqrt_bc2, eps, ADAM, NESTEROV)
+        p, s1, s2, u = _load_direction(
+            p_ptr, g_ptr, s1_ptr, s2_ptr, at, mask, sign, beta1, beta2, c1, sqrt_bc2, eps,
+            ADAM, NESTEROV,
+        )  # fmt: skip
         coefficient = tl.sum(tl.where(mask, p * u, 0), 0) / radial
-        tl.store(s1_ptr + at, s1, mask=mask)
-        if ADAM:
-            tl.store(s2_ptr + at, s2, mask=mask)
-        tl.store(p_ptr + at, p * keep - step_size * (u - coefficient * p), mask=mask)
+        _store_step(p_ptr, s1_ptr, s2_ptr, at, mask, p, s1, s2, u, keep, step_size, coefficient,
+                    ADAM)  # fmt: skip
     else:
         for offset in range(0, n, BLOCK):
             mask = offset + lanes < n
             at = start + offset + lanes
-            p = tl.load(p_ptr + at, mask=mask, other=0)
-            g = sign * tl.load(g_ptr + at, mask=mask, other=0)
-            s1 = tl.load(s1_ptr + at, mask=mask, other=0)
-            s2 = tl.load(s2_ptr + at, mask=mask, other=0)
-            s1, s2, u = _direction(g, s1, s2, beta1, beta2, c1, sqrt_bc2, eps, ADAM, NESTEROV)
-            tl.store(s1_ptr + at, s1, mask=mask)
-            if ADAM:
-                tl.store(s2_ptr + at, s2, mask=mask)
-            tl.store(p_ptr + at, p * keep - step_size * (u - coefficient * p), mask=mask)
+            p, s1, s2, u = _load_direction(
+                p_ptr, g_ptr, s1_ptr, s2_ptr, at, mask, sign, beta1, beta2, c1, sqrt_bc2, eps,
+                ADAM, NESTEROV,
+            )  # fmt: skip
+            _store_step(p_ptr, s1_ptr, s2_ptr, at, mask, p, s1, s2, u, keep, step_size,
+                        coefficient, ADAM)  # fmt: skip
