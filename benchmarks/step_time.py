@@ -189,6 +189,18 @@ def candidates(
 
     adam = {
         **{path: new[path] for path in ALL_BASELINE_PATHS[:4]},
+        # timm's defaults for AdamP (its create_optimizer_v2 entry "adamp"), and its cautious
+        # variant ("cadamp"), on the default path
+        "AdamP nesterov": (
+            "adam",
+            lambda ps: adampx.AdamP(ps, weight_decay=1e-2, wd_ratio=0.01, nesterov=True),
+        ),
+        "AdamP cautious": (
+            "adam",
+            lambda ps: adampx.AdamP(
+                ps, weight_decay=1e-2, wd_ratio=0.01, nesterov=True, caution=True
+            ),
+        ),
         "AdamW foreach": ("adam", lambda ps: torch.optim.AdamW(ps, foreach=True)),
         "AdamW fused": ("adam", lambda ps: torch.optim.AdamW(ps, fused=True)),
         "reference AdamP": ("adam", lambda ps: reference.AdamP(ps, weight_decay=1e-2)),

@@ -69,14 +69,19 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 def refuses(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the backend forced here refuses the options of ``optimizer``'s first group:
-    torch's fused kernels, which the ``cpu`` and ``flat`` backends run on, have no Nesterov
-    Adam and no SGD without a momentum buffer."""
+    only the eager math (``eager``, ``foreach``) runs the cautious mask; torch's fused
+    kernels, which the ``cpu`` and ``flat`` backends run on, have no Nesterov Adam and no
+    SGD without a momentum buffer."""
     forced = adampx.backends.forced()
-    if forced is None or forced.NAME not in ("cpu", "flat"):
+    if forced is None or forced.NAME in ("eager", "foreach"):
         return False
     if not isinstance(optimizer, (adampx.AdamP, adampx.SGDP)):
         return False
     group = optimizer.param_groups[0]
+    if group["caution"]:
+        return True
+    if forced.NAME not in ("cpu", "flat"):
+        return False
     if isinstance(optimizer, adampx.AdamP):
         return bool(group["nesterov"])
     return group["momentum"] == 0
@@ -86,7 +91,8 @@ def step_or_refusal(optimizer: torch.optim.Optimizer) -> bool:
     """``optimizer.step()``; True if it stepped, False if the forced backend refused the
     options, as :func:`refuses` says it must (its error then names the option)."""
     if refuses(optimizer):
-        with pytest.raises(ValueError, match=r"cannot run (AdamP with nesterov|SGDP with mom)"):
+        refusal = r"cannot run (AdamP with nesterov|SGDP with mom|caution=True)"
+        with pytest.raises(ValueError, match=refusal):
             optimizer.step()
         return False
     optimizer.step()

@@ -235,19 +235,24 @@ def test_force_unknown_name() -> None:
 
 def test_default_route_on_the_cpu(spy: Spy) -> None:
     """Nothing forced: CPU tensors take the ``cpu`` backend; with ``fused=True`` the kernel
-    where it runs; AdamP with nesterov (no fused Nesterov Adam in torch) the eager math."""
+    where it runs; AdamP with nesterov (no fused Nesterov Adam in torch) the kernel too,
+    unless ``fused=False``, which leaves it to the eager math."""
     model, opt = _net()
     _step(model, opt)
     assert spy.names() == {"cpu"}
     spy.seen.clear()
-    opt = AdamP(model.parameters(), lr=1e-2, nesterov=True)
+    opt = AdamP(model.parameters(), lr=1e-2, nesterov=True, fused=False)
     _step(model, opt)
     assert spy.names() == {"eager"}
     spy.seen.clear()
-    opt = AdamP(model.parameters(), lr=1e-2, nesterov=True, foreach=True)
+    opt = AdamP(model.parameters(), lr=1e-2, nesterov=True, foreach=True, fused=False)
     _step(model, opt)
     assert spy.names() == {"foreach"}
     if "cpu-kernel" in backends.available():
+        spy.seen.clear()
+        opt = AdamP(model.parameters(), lr=1e-2, nesterov=True)
+        _step(model, opt)
+        assert spy.names() == {"cpu-kernel"}
         spy.seen.clear()
         opt = AdamP(model.parameters(), lr=1e-2, nesterov=True, fused=True)
         _step(model, opt)

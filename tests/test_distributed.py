@@ -307,3 +307,56 @@ def test_projected_adamw_under_fsdp2_equals_one_process(
         conv, fc = params[0], params[3]  # the scale-invariant weights
         for p, u in ((conv, unprojected[0].weight), (fc, unprojected[4].weight)):
             assert (p - u).abs().max() > 1e-6
+
+
+def _caution_worker(rank: int, world: int, store: str, out: str) -> None:
+    """FSDP2 with ``caution=True``: refused when the optimizer is built, and by a step (a
+    group switched to caution after construction) before anything changes."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = make_model()
+        fully_shard(model)
+        errors = []
+        for cls, kwargs in ((AdamP, dict(lr=1e-2)), (SGDP, dict(lr=0.1, momentum=0.9))):
+            try:
+                cls(model.parameters(), caution=True, **kwargs)
+            except ValueError as exc:
+                errors.append(str(exc))
+            opt = cls(model.parameters(), **kwargs)
+            train(model, opt, 1, torch.float64)  # state exists
+            before = [full(p).detach().clone() for p in model.parameters()]
+            state = [{k: full(v).clone() for k, v in s.items()} for s in opt.state.values()]
+            opt.param_groups[0]["caution"] = True
+            x, y = batch(1, torch.float64)
+            nn.functional.cross_entropy(model(x), y).backward()
+            try:
+                opt.step()
+            except ValueError as exc:
+                errors.append(str(exc))
+            after = [full(p).detach() for p in model.parameters()]
+            unchanged = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+            for saved, now in zip(state, opt.state.values(), strict=True):
+                unchanged &= all(torch.equal(saved[k], full(v)) for k, v in now.items())
+            errors.append(f"unchanged={unchanged}")
+        if rank == 0:
+            torch.save(errors, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.slow
+def test_caution_under_fsdp2_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    out, store = str(tmp_path / "caution.pt"), str(tmp_path / "caution.store")
+    mp.spawn(_caution_worker, args=(2, store, out), nprocs=2, join=True)
+    errors = torch.load(out)
+    refusal = "caution=True cannot step a sharded param (a DTensor of shape (5, 3, 3, 3))"
+    for cls in range(2):
+        built, stepped, unchanged = errors[3 * cls : 3 * cls + 3]
+        assert refusal in built and "use caution=False under FSDP2" in built
+        assert refusal in stepped
+        assert unchanged == "unchanged=True"

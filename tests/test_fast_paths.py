@@ -114,12 +114,13 @@ def expected_impl(path: str, cls: type, hyper: dict[str, Any]) -> str:
         return cpu_kernel.NAME
     if path == "plain":
         return eager.NAME
-    # the default path: ``cpu`` where torch's fused kernels run the options, else the eager
-    # math, per tensor on the CPU
+    # the default path: ``cpu`` where torch's fused kernels run the options, else the C
+    # kernel (a compiler is on CI's path), else the eager math, per tensor on the CPU
+    fallback = cpu_kernel.NAME if cpu_kernel.runs_here() else eager.NAME
     if cls is AdamP and hyper.get("nesterov"):
-        return eager.NAME  # torch's fused AdamW has no nesterov
+        return fallback  # torch's fused AdamW has no nesterov
     if cls is SGDP and hyper.get("momentum", 0) == 0:
-        return eager.NAME  # nor does torch's fused SGD without a buffer
+        return fallback  # nor does torch's fused SGD without a buffer
     return cpu.NAME
 
 
@@ -638,7 +639,7 @@ def test_functional_default_step(
     shapes = [(24, 5, 3, 3), (20, 60), (16, 7, 3, 3), (16,), (24, 30)]
     plain = make_opt(cls, "plain", [leaf(_random(s, j)) for j, s in enumerate(shapes)], **hyper)
     params = [leaf(_random(s, j)) for j, s in enumerate(shapes)]
-    defaults = cls([leaf(torch.zeros(1))], **hyper).defaults
+    defaults = cls([leaf(torch.zeros(1, 1))], **hyper).defaults  # 2-d: no flattening warning
     if cls is AdamP:
         state: list[list[Tensor]] = [[torch.zeros_like(p) for p in params] for _ in range(2)]
         state.append([torch.zeros(()) for _ in params])
@@ -961,15 +962,22 @@ def _step_once(opt: torch.optim.Optimizer) -> None:
         (AdamP, dict(lr=1e-2), "cpu"),
         (AdamP, dict(lr=1e-2, foreach=False), "cpu"),
         (AdamP, dict(lr=1e-2, foreach=True), "cpu"),
-        (AdamP, dict(lr=1e-2, nesterov=True), "eager"),
-        (AdamP, dict(lr=1e-2, nesterov=True, foreach=True), "foreach"),
+        (AdamP, dict(lr=1e-2, nesterov=True), "cpu-kernel"),
+        (AdamP, dict(lr=1e-2, nesterov=True, foreach=True), "cpu-kernel"),
+        (AdamP, dict(lr=1e-2, nesterov=True, fused=False), "eager"),
+        (AdamP, dict(lr=1e-2, nesterov=True, fused=False, foreach=True), "foreach"),
         (AdamP, dict(lr=1e-2, fused=True), "cpu-kernel"),
         (AdamP, dict(lr=1e-2, nesterov=True, fused=True), "cpu-kernel"),
+        (AdamP, dict(lr=1e-2, caution=True), "eager"),
+        (AdamP, dict(lr=1e-2, caution=True, foreach=True), "foreach"),
+        (AdamP, dict(lr=1e-2, caution=True, fused=True), "eager"),
         (SGDP, dict(lr=0.1, momentum=0.9), "cpu"),
-        (SGDP, dict(lr=0.1), "eager"),
-        (SGDP, dict(lr=0.1, foreach=True), "foreach"),
+        (SGDP, dict(lr=0.1), "cpu-kernel"),
+        (SGDP, dict(lr=0.1, fused=False), "eager"),
+        (SGDP, dict(lr=0.1, fused=False, foreach=True), "foreach"),
         (SGDP, dict(lr=0.1, fused=True), "cpu-kernel"),
         (SGDP, dict(lr=0.1, momentum=0.9, nesterov=True, fused=True), "cpu-kernel"),
+        (SGDP, dict(lr=0.1, momentum=0.9, caution=True), "eager"),
     ],
     ids=[
         "adamp-default",
@@ -977,33 +985,42 @@ def _step_once(opt: torch.optim.Optimizer) -> None:
         "adamp-foreach-true",
         "adamp-nesterov-default",
         "adamp-nesterov-foreach",
+        "adamp-nesterov-not-fused",
+        "adamp-nesterov-not-fused-foreach",
         "adamp-fused",
         "adamp-nesterov-fused",
+        "adamp-caution",
+        "adamp-caution-foreach",
+        "adamp-caution-fused",
         "sgdp-default",
         "sgdp-no-momentum-default",
-        "sgdp-no-momentum-foreach",
+        "sgdp-no-momentum-not-fused",
+        "sgdp-no-momentum-not-fused-foreach",
         "sgdp-no-momentum-fused",
         "sgdp-nesterov-fused",
+        "sgdp-caution",
     ],
 )
 def test_which_path_runs_on_cpu(cls: type, hyper: dict, impl: str, path_spy: PathSpy) -> None:
     """The routing of :mod:`adampx.backends.plan` on CPU tensors: ``cpu`` where torch's fused
-    kernels run the options (whatever the ``foreach`` flag), else the eager math (``eager``
-    on the CPU, ``foreach`` where the flag asks); ``fused=True``: ``cpu-kernel``, every
-    option."""
+    kernels run the options (whatever the ``foreach`` flag); for the options they lack
+    (AdamP's nesterov, SGDP without momentum) the C kernel unless ``fused=False``; else,
+    and for the cautious variants, the eager math (``eager`` on the CPU, ``foreach`` where
+    the flag asks); ``fused=True``: ``cpu-kernel``, every option but caution."""
     opt = cls(_float32_params(), **hyper)
     _step_once(opt)
     path_spy.assert_only(all_params(opt), impl)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["default", "fused"])
+@pytest.mark.parametrize("fused", [None, False, True], ids=["default", "not-fused", "fused"])
 @pytest.mark.parametrize("kept", [True, False], ids=["workspace", "no-workspace"])
 @pytest.mark.parametrize("foreach_flag", [None, False, True], ids=str)
-def test_route_of_cpu_tensors(foreach_flag: bool | None, kept: bool, fused: bool) -> None:
+def test_route_of_cpu_tensors(foreach_flag: bool | None, kept: bool, fused: bool | None) -> None:
     """:func:`adampx.backends.plan.route` directly: the chain (``cpu``, then ``flat`` only
     with a workspace and without ``foreach=False``; ``cpu-kernel`` for ``fused=True``) takes
-    the plain tensors; a transposed one and an empty one fall to the eager math, and options
-    that torch's fused kernels lack send every tensor there, unless ``fused=True``."""
+    the plain tensors; a transposed one and an empty one fall to the eager math. Options
+    that torch's fused kernels lack go to ``cpu-kernel`` unless ``fused=False``, which sends
+    every tensor to the eager math."""
     params = [*_float32_params(), _random((5, 7), 3, torch.float32).t(), torch.zeros(0, 3)]
     batch = Batch(
         params, params, [torch.zeros_like(p) for p in params],
@@ -1028,8 +1045,10 @@ def test_route_of_cpu_tensors(foreach_flag: bool | None, kept: bool, fused: bool
         expected_chain = ["cpu"]
     assert ([b.NAME for b in chain], imposed) == (expected_chain, False)
     taken = [(fast, [0, 1, 2]), (math_name, [3, 4])]
-    # torch's fused kernels have no Nesterov Adam: the default chain takes nothing then
-    refused = taken if fused else [(math_name, [0, 1, 2, 3, 4])]
+    # torch's fused kernels have no Nesterov Adam: the C kernel takes the tensors instead,
+    # unless fused=False
+    in_kernel = [("cpu-kernel", [0, 1, 2]), (math_name, [3, 4])]
+    refused = [(math_name, [0, 1, 2, 3, 4])] if fused is False else in_kernel
     for nesterov, expected in ((False, taken), (True, refused)):
         routes = plan.route(
             Step(optimizer="adamp", nesterov=nesterov, **defaults),

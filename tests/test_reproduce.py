@@ -3,6 +3,9 @@
 Every expected value here is computed independently (closed forms, hand-written
 ``torch.optim.SGD`` loops, numpy/scipy statistics, the documented schema), never copied from
 an earlier run of the suite. Runs are tiny (digits, one epoch, one seed) to fit two CPU cores.
+The suite runs in two worker processes; tests that replace a function of the runner run it
+in this process (``--jobs 1``). Crashes, Ctrl-C and orphans of the parallel suite:
+``tests/test_experiment_parallel.py``; the language-model task: ``tests/test_experiment_lm.py``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ SCHEMA: dict[str, tuple[type, ...]] = {
     "weight_decay": (float,),
     "seed": (int,),
     "test_accuracy": (float, type(None)),
+    "test_perplexity": (type(None),),  # the lm task's (tests/test_experiment_lm.py)
     "norm_start": (float,),
     "norm_end": (float,),
     "lr": (float, type(None)),
@@ -79,9 +83,10 @@ def n_train_digits() -> int:
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny run of every task: toys, and SGD/SGDP with and without weight decay."""
+    """One tiny run of the default tasks: toys, and SGD/SGDP with and without weight decay,
+    in two worker processes."""
     out = tmp_path_factory.mktemp("suite") / "out"
-    assert reproduce(out, *SUITE_ARGS) == 0
+    assert reproduce(out, *SUITE_ARGS, "--jobs", "2") == 0
     return out
 
 
@@ -217,9 +222,11 @@ def check_schema(run: dict[str, Any]) -> None:
 
 def test_suite_results_follow_the_schema(suite: Path) -> None:
     results = load(suite)
-    assert results["schema"] == 1
+    assert results["schema"] == 2
     assert results["settings"]["dataset"] == "digits"
     assert results["settings"]["epochs"] == 1
+    assert results["settings"]["threads_per_run"] == 1
+    assert results["failed"] == []
     runs = by_id(results)
     assert len(runs) == len(results["runs"])  # run ids are unique
 
@@ -311,9 +318,13 @@ def test_suite_report_mentions_every_run_and_its_figures_exist(suite: Path) -> N
     assert not list(suite.glob("*.tmp")) and not list((suite / "curves").glob("*.tmp"))
 
 
-def test_same_settings_give_identical_results(suite: Path, tmp_path: Path) -> None:
+def test_parallel_workers_give_the_numbers_of_one_process(suite: Path, tmp_path: Path) -> None:
+    """The suite's runs in two workers and again one after the other in this process: the
+    same numbers, bit for bit. Like with like: both give every run one intra-op thread (the
+    number of threads changes the order of reductions, so their rounding)."""
     out = tmp_path / "again"
-    assert reproduce(out, "--tasks", "classification", "--optimizers", "SGD", "SGDP", *TINY) == 0
+    args = ["--tasks", "classification", "--optimizers", "SGD", "SGDP", *TINY, "--jobs", "1"]
+    assert reproduce(out, *args) == 0
     first = {k: r for k, r in by_id(load(suite)).items() if r["task"] == "classification"}
     second = by_id(load(out))
     assert first.keys() == second.keys()
@@ -351,7 +362,7 @@ def test_resume_runs_only_the_missing_run(
     monkeypatch.setattr(toys, "run_toy2d", counting(real_2d, "toy2d"))
     monkeypatch.setattr(toys, "run_toy3d", counting(real_3d, "toy3d"))
     capsys.readouterr()
-    assert reproduce(out, *SUITE_ARGS, "--resume") == 0
+    assert reproduce(out, *SUITE_ARGS, "--resume", "--jobs", "1") == 0
     assert calls == [missing["task"]]
 
     resumed = load(out)
@@ -378,7 +389,7 @@ def test_overwrite_starts_over(suite: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(suite, out)
     assert reproduce(out, "--tasks", "classification", "--optimizers", "SGDP", *TINY,
-                     "--overwrite") == 0  # fmt: skip
+                     "--overwrite", "--jobs", "1") == 0  # fmt: skip
     runs = load(out)["runs"]
     assert sorted(r["run_id"].split("/", 3)[-1] for r in runs) == [
         "SGDP/wd=off/seed=0",
@@ -407,7 +418,7 @@ def test_ctrl_c_keeps_finished_runs_and_resume_completes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    args = ["--tasks", "classification", "--optimizers", "SGDP", *TINY]
+    args = ["--tasks", "classification", "--optimizers", "SGDP", *TINY, "--jobs", "1"]
     real_train = runner.train_classifier
     calls = 0
 
@@ -453,8 +464,24 @@ def test_ctrl_c_keeps_finished_runs_and_resume_completes(
         (["--dataset", "cifar10"], ["--data-dir", "cs.toronto.edu"]),
         (["--dataset", "cifar10", "--data-dir", "EMPTY"], ["cs.toronto.edu"]),
         (["--tasks", "toy2d", "--epochs", "0"], ["--epochs"]),
+        (["--jobs", "0"], ["--jobs", "positive integer", "0"]),
+        (["--jobs", "-3"], ["--jobs", "positive integer", "-3"]),
+        (["--tasks", "lm", "--lm-steps", "2"], ["--lm-steps", "at least 5"]),
+        (["--tasks", "lm", "--optimizers", "SGD"], ["lm", "AdamW and AdamP", "SGD"]),
     ],
-    ids=["optimizer", "dataset", "task", "suite", "cifar-no-dir", "cifar-empty-dir", "epochs0"],
+    ids=[
+        "optimizer",
+        "dataset",
+        "task",
+        "suite",
+        "cifar-no-dir",
+        "cifar-empty-dir",
+        "epochs0",
+        "jobs0",
+        "jobs-negative",
+        "lm-steps",
+        "lm-optimizers",
+    ],
 )
 def test_bad_input_exits_2_with_a_message(
     args: list[str], needles: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -471,6 +498,17 @@ def test_bad_input_exits_2_with_a_message(
     for needle in needles:
         assert needle in err, (needle, err)
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_jobs_that_is_not_a_number_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce(tmp_path / "out", "--tasks", "toy2d", "--jobs", "two")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--jobs" in err and "'two'" in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -46,6 +46,10 @@ class AdamP(ProjectedOptimizer):
         delta: threshold ``δ`` of the scale-invariance test, >= 0, default 0.1.
         wd_ratio: weight-decay multiplier for projected tensors, in [0, 1], default 0.1.
         nesterov: Nesterov momentum in the update direction, default False.
+        caution: the cautious variant (timm's ``caution=True``): the update is kept only
+            where its sign agrees with the gradient's (on projected tensors, with the
+            gradient's tangential part) and rescaled by the fraction kept; see
+            :mod:`adampx.algorithm.caution`. Runs in the eager math; not under FSDP2.
         foreach: multi-tensor (True) or per-tensor (False) implementation; None chooses.
         maximize: maximise the objective instead of minimising it.
         projection: set False in a param group to never project its tensors (for example
@@ -77,6 +81,7 @@ class AdamP(ProjectedOptimizer):
         delta: float = 0.1,
         wd_ratio: float = 0.1,
         nesterov: bool = False,
+        caution: bool = False,
         *,
         foreach: bool | None = None,
         maximize: bool = False,
@@ -93,6 +98,7 @@ class AdamP(ProjectedOptimizer):
             delta=delta,
             wd_ratio=wd_ratio,
             nesterov=nesterov,
+            caution=caution,
             foreach=foreach,
             maximize=maximize,
             projection=projection,
@@ -110,6 +116,7 @@ class AdamP(ProjectedOptimizer):
         check_range("beta1 (betas[0])", betas[0], 0.0, 1.0, high_open=True)
         check_range("beta2 (betas[1])", betas[1], 0.0, 1.0, high_open=True)
         check_flag("nesterov", group["nesterov"])
+        check_flag("caution", group["caution"])
 
     @staticmethod
     def _init_state(p: Tensor, state: dict[str, Any]) -> None:
@@ -142,6 +149,7 @@ class AdamP(ProjectedOptimizer):
             delta=group["delta"],
             wd_ratio=group["wd_ratio"],
             nesterov=group["nesterov"],
+            caution=group["caution"],
             maximize=group["maximize"],
             projection=group["projection"],
             decisions=decisions,
@@ -168,6 +176,7 @@ def adamp(
     nesterov: bool,
     maximize: bool,
     projection: bool,
+    caution: bool = False,
     decisions: Decisions | None = None,
     workspace: Workspace | None = None,
 ) -> None:
@@ -189,9 +198,9 @@ def adamp(
     step = Step(
         optimizer="adamp", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         delta=delta, wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize,
-        projection=projection, decisions=decisions,
+        projection=projection, caution=caution, decisions=decisions,
     )  # fmt: skip
     plan.run(
         step, params, grads, [exp_avgs, exp_avg_sqs], state_steps,
-        foreach_flag=foreach, fused=bool(fused), workspace=workspace,
+        foreach_flag=foreach, fused=fused, workspace=workspace,
     )  # fmt: skip

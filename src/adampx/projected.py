@@ -41,6 +41,7 @@ from torch import Tensor
 
 from adampx.algorithm.projection import RowStatistics, project_with_, row_statistics
 from adampx.algorithm.spec import Step
+from adampx.optim.flattened import FlatteningCheck
 from adampx.optim.validation import check_flag, check_range
 from adampx.util.tensors import compute_view, write_back_
 
@@ -131,6 +132,8 @@ class Projected(torch.optim.Optimizer):
         self.defaults = {**optimizer.defaults, **defaults}
         for group in self.param_groups:
             self._check_group(group)
+        self._flattening = FlatteningCheck("Projected", "projected")
+        self._flattening.check(self.param_groups)
 
     def __repr__(self) -> str:
         return f"Projected({self.optimizer!r})"
@@ -175,6 +178,7 @@ class Projected(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
         try:
             self._check_group(self.param_groups[-1])
+            self._flattening.check(self.param_groups)
         except ValueError:
             self.param_groups.pop()
             raise
@@ -208,6 +212,7 @@ class Projected(torch.optim.Optimizer):
         super().__setstate__(state)
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
+        self._flattening = FlatteningCheck("Projected", "projected")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:
@@ -218,6 +223,8 @@ class Projected(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # every check before anything changes: a refused step leaves the weights as they were
+        if not torch.compiler.is_compiling():
+            self._flattening.check_if_replaced(self.param_groups)  # DeepSpeed's replacements
         work = []
         for group in self.param_groups:
             self._check_group(group)

@@ -49,6 +49,10 @@ class SGDP(ProjectedOptimizer):
         eps: used by the projection's cosine and normalisation, > 0, default 1e-8.
         delta: threshold ``δ`` of the scale-invariance test, >= 0, default 0.1.
         wd_ratio: weight-decay multiplier for projected tensors, in [0, 1], default 0.1.
+        caution: the cautious variant (timm's ``caution=True``): the update is kept only
+            where its sign agrees with the gradient's (on projected tensors, with the
+            gradient's tangential part) and rescaled by the fraction kept; see
+            :mod:`adampx.algorithm.caution`. Runs in the eager math; not under FSDP2.
         foreach: multi-tensor (True) or per-tensor (False) implementation; None chooses.
         maximize: maximise the objective instead of minimising it.
         projection: set False in a param group to never project its tensors.
@@ -78,6 +82,7 @@ class SGDP(ProjectedOptimizer):
         eps: float = 1e-8,
         delta: float = 0.1,
         wd_ratio: float = 0.1,
+        caution: bool = False,
         *,
         foreach: bool | None = None,
         maximize: bool = False,
@@ -95,6 +100,7 @@ class SGDP(ProjectedOptimizer):
             eps=eps,
             delta=delta,
             wd_ratio=wd_ratio,
+            caution=caution,
             foreach=foreach,
             maximize=maximize,
             projection=projection,
@@ -109,6 +115,7 @@ class SGDP(ProjectedOptimizer):
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_range("dampening", group["dampening"], 0.0, 1.0, high_open=False)
         check_flag("nesterov", group["nesterov"])
+        check_flag("caution", group["caution"])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(
                 "Invalid nesterov: Nesterov momentum requires momentum > 0 and dampening = 0 "
@@ -141,6 +148,7 @@ class SGDP(ProjectedOptimizer):
             eps=group["eps"],
             delta=group["delta"],
             wd_ratio=group["wd_ratio"],
+            caution=group["caution"],
             maximize=group["maximize"],
             projection=group["projection"],
             decisions=decisions,
@@ -165,6 +173,7 @@ def sgdp(
     wd_ratio: float,
     maximize: bool,
     projection: bool,
+    caution: bool = False,
     decisions: Decisions | None = None,
     workspace: Workspace | None = None,
 ) -> None:
@@ -185,9 +194,9 @@ def sgdp(
     step = Step(
         optimizer="sgdp", lr=lr, momentum=momentum, dampening=dampening,
         weight_decay=weight_decay, nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
-        maximize=maximize, projection=projection, decisions=decisions,
+        maximize=maximize, projection=projection, caution=caution, decisions=decisions,
     )  # fmt: skip
     plan.run(
         step, params, grads, [momentum_buffers], [],
-        foreach_flag=foreach, fused=bool(fused), workspace=workspace,
+        foreach_flag=foreach, fused=fused, workspace=workspace,
     )  # fmt: skip

@@ -34,7 +34,8 @@ class Step:
     ``lr`` is a Python float or a one-element tensor (kept as a 0-d tensor); ``decay``, the
     decay amount ``a``, is computed from it when the step is made (a tensor where ``lr`` is
     one); ``decisions``, where given, receives the test's decision for every tested param.
-    AdamP's ``beta1``/``beta2`` and SGDP's ``momentum``/``dampening`` are 0 for the other.
+    AdamP's ``beta1``/``beta2`` and SGDP's ``momentum``/``dampening`` are 0 for the other;
+    ``caution`` masks the update (:mod:`adampx.algorithm.caution`).
     """
 
     optimizer: str  # "adamp" or "sgdp"
@@ -46,6 +47,7 @@ class Step:
     nesterov: bool
     maximize: bool
     projection: bool
+    caution: bool = False
     beta1: float = 0.0
     beta2: float = 0.0
     momentum: float = 0.0

@@ -9,6 +9,7 @@ at a time) and ``foreach`` (all at once) backends run::
            u = m / (sqrt(v)/sqrt(1−β2^t) + eps)    (nesterov: β1·m + (1−β1)·g for m)
     SGDP:  b ← μ·b + (1−τ)·g;  d = b, or g + μ·b with nesterov
     then   u, r = test-and-project(p, g, u);  p ← p·(1 − a·r);  p ← p − step·u
+    (caution=True masks u after the projection: adampx.algorithm.caution)
 
 FSDP2's sharded params (DTensors on a 1-D mesh) are tested together, with two collectives
 in all (:mod:`adampx.algorithm.sharded`); other tensors one at a time with
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from adampx.algorithm.caution import cautious_project_, mask_
 from adampx.algorithm.projection import project_
 from adampx.algorithm.sharded import batched_projection_supported, project_sharded_
 from adampx.algorithm.spec import Step
@@ -82,7 +84,8 @@ def sgdp_(step: Step, batch: Batch) -> None:
 
 def project_and_decay_(step: Step, batch: Batch, gs: list[Tensor], us: Sequence[Tensor]) -> None:
     """Remove the radial part of each tested tensor's update ``us`` in place where the test
-    passes, then apply the decoupled weight decay ``p ← p·(1 − a·r)`` to ``batch.ps``.
+    passes (and with ``caution``, mask ``us``), then apply the decoupled weight decay
+    ``p ← p·(1 − a·r)`` to ``batch.ps``.
 
     ``gs`` are the gradients the step descends along (negated with ``maximize``).
     """
@@ -90,7 +93,11 @@ def project_and_decay_(step: Step, batch: Batch, gs: list[Tensor], us: Sequence[
     tested, untested = step.split(params)
     tested_ps = [ps[k] for k in tested]
     hyper = dict(delta=step.delta, wd_ratio=step.wd_ratio, eps=step.eps)
-    if batched_projection_supported(tested_ps) and not tested_ps[0].is_complex():
+    if step.caution:  # the cautious variant (adampx.algorithm.caution)
+        results = [cautious_project_(ps[k], gs[k], us[k], **hyper) for k in tested]
+        for k in untested:
+            mask_(us[k], gs[k])
+    elif batched_projection_supported(tested_ps) and not tested_ps[0].is_complex():
         # sharded (FSDP2): all tensors at once, two collectives in all
         results = project_sharded_(
             tested_ps, [gs[k] for k in tested], [us[k] for k in tested], **hyper

@@ -15,8 +15,11 @@ while ``torch.compile`` traces the eager math: ``foreach`` or ``eager`` (torch's
 inside ``backends.force(n)``   ``n`` alone; a tensor it cannot take is an error
 ``fused=True``                 ``cpu-kernel`` (a non-CPU tensor is an error), then the eager
                                math
-otherwise                      ``cpu``, then ``flat`` (not with ``foreach=False`` or without
-                               a workspace), then the eager math
+otherwise                      ``cpu``; for options torch's fused kernels lack (AdamP's
+                               nesterov, SGDP without momentum) ``cpu-kernel`` where a CPU
+                               tensor is stepped, ``fused`` is None and the kernel builds;
+                               ``flat`` (not with ``foreach=False`` or without a
+                               workspace); then the eager math
 =============================  ===========================================================
 
 The eager math is ``foreach`` where the ``foreach`` flag says so or, for ``foreach=None``,
@@ -32,6 +35,7 @@ import torch
 from torch import Tensor
 
 from adampx import backends
+from adampx.algorithm.caution import check_unsharded
 from adampx.algorithm.sharded import batched_projection_supported
 from adampx.algorithm.spec import Step
 from adampx.backends import cpu, cpu_kernel, eager, flat, foreach
@@ -58,10 +62,18 @@ def default_foreach(params: list[Tensor]) -> bool:
 
 
 def chain(
-    step: Step, *, foreach_flag: bool | None, fused: bool, workspace: Workspace | None
+    step: Step,
+    *,
+    foreach_flag: bool | None,
+    fused: bool | None,
+    workspace: Workspace | None,
+    on_cpu: bool = True,
 ) -> tuple[list[ModuleType], bool]:
     """The backends to try for a group's tensors, in order, before the eager math (see
-    :func:`eager_math`), and whether the first one is imposed (no tensor may fall through)."""
+    :func:`eager_math`), and whether the first one is imposed (no tensor may fall through).
+
+    ``on_cpu``: whether the group has CPU tensors (only then is the C kernel built for the
+    options that torch's fused kernels lack)."""
     if torch.compiler.is_compiling():
         return [], False
     imposed = backends.forced()
@@ -69,9 +81,14 @@ def chain(
         return [imposed], True
     if fused:
         return [cpu_kernel], False
+    tried = [cpu]
+    if fused is None and on_cpu and cpu.supports(step) is not None:
+        # AdamP's nesterov, SGDP without momentum: in the C kernel where it builds
+        if cpu_kernel.supports(step) is None and cpu_kernel.ready():
+            tried.append(cpu_kernel)
     if foreach_flag is not False and workspace is not None:
-        return [cpu, flat], False
-    return [cpu], False
+        tried.append(flat)
+    return tried, False
 
 
 def eager_math(foreach_flag: bool | None, params: list[Tensor]) -> ModuleType:
@@ -86,11 +103,14 @@ def route(
     batch: Batch,
     *,
     foreach_flag: bool | None,
-    fused: bool,
+    fused: bool | None,
     workspace: Workspace | None,
 ) -> list[tuple[ModuleType, list[int]]]:
     """Which backend steps which tensors of ``batch``: ``(backend, indices)`` pairs."""
-    candidates, imposed = chain(step, foreach_flag=foreach_flag, fused=fused, workspace=workspace)
+    on_cpu = any(p.is_cpu for p in batch.ps)
+    candidates, imposed = chain(
+        step, foreach_flag=foreach_flag, fused=fused, workspace=workspace, on_cpu=on_cpu
+    )
     usable = []
     for backend in candidates:
         reason = backend.supports(step)
@@ -110,7 +130,7 @@ def route(
             if reason is None:
                 chosen.setdefault(backend.NAME, []).append(k)
                 break
-            if imposed or (backend is cpu_kernel and not p.is_cpu):
+            if imposed or (fused and backend is cpu_kernel and not p.is_cpu):
                 raise ValueError(
                     f"adampx backend {backend.NAME!r} cannot step a param of shape "
                     f"{tuple(param.shape)}, dtype {param.dtype}, on {param.device}: {reason}"
@@ -134,10 +154,12 @@ def run(
     steps: list[Tensor],
     *,
     foreach_flag: bool | None,
-    fused: bool,
+    fused: bool | None,
     workspace: Workspace | None,
 ) -> None:
     """One group's step: route its tensors, call each backend once per device and dtype."""
+    if step.caution:
+        check_unsharded(params)  # before anything changes
     batch = Batch(
         params,
         [compute_view(p) for p in params],

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adampx.algorithm import caution
 from adampx.algorithm.spec import Step
 from adampx.util.tensors import Batch
 
@@ -84,7 +85,10 @@ def sgd_(step: Step, ps: list[Tensor], gs: list[Tensor], bs: list[Tensor]) -> No
 
 def supports(step: Step) -> str | None:
     """Why torch's fused kernels cannot run ``step`` (None if they can): they have no
-    Nesterov variant of Adam, and SGD without momentum keeps no buffer."""
+    Nesterov variant of Adam and no cautious mask, and SGD without momentum keeps no
+    buffer."""
+    if step.caution:
+        return caution.REFUSAL
     if step.optimizer == "adamp" and step.nesterov:
         return "AdamP with nesterov=True"
     if step.optimizer == "sgdp" and step.momentum == 0:

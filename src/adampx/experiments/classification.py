@@ -39,7 +39,13 @@ from adampx.experiments.models import build_model
 from adampx.tools.monitor import NormMonitor, NormRecord
 from adampx.util.tensors import replicated
 
-__all__ = ["OPTIMIZERS", "RunResult", "scale_invariant_names", "train_classifier"]
+__all__ = [
+    "OPTIMIZERS",
+    "RunResult",
+    "TrainedRun",
+    "scale_invariant_names",
+    "train_classifier",
+]
 
 Params = Iterable[nn.Parameter]
 OPTIMIZERS: dict[str, tuple[Callable[[Params, float], torch.optim.Optimizer], float]] = {
@@ -56,8 +62,22 @@ OPTIMIZERS: dict[str, tuple[Callable[[Params, float], torch.optim.Optimizer], fl
 
 
 @dataclass
-class RunResult:
-    """What one classification run measured.
+class TrainedRun:
+    """What every trained run of the reproduction measures: the final training loss, the
+    norm of the weights it follows at the start and the end, its weight decay, its training
+    time and steps."""
+
+    train_loss: float
+    norm_start: float
+    norm_end: float
+    weight_decay: float
+    seconds: float
+    steps: int
+
+
+@dataclass
+class RunResult(TrainedRun):
+    """What one classification run measured (beyond :class:`TrainedRun`'s fields).
 
     ``curve``: per logged step, the total norm and median step sizes of the scale-invariant
     weights; ``layers``: per-layer ``NormRecord`` fields at the first and last logged step;
@@ -65,12 +85,6 @@ class RunResult:
     """
 
     test_accuracy: float
-    train_loss: float
-    norm_start: float
-    norm_end: float
-    weight_decay: float
-    seconds: float
-    steps: int
     curve: list[dict[str, float]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
     views: list[list[Any]] = field(default_factory=list)

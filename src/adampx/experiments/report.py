@@ -1,8 +1,9 @@
 """The report of a reproduction: tables, figures, the paper's claims checked against the runs.
 
 Reads ``OUT/results.json`` and the curve files, writes ``OUT/report.md`` and PNG figures into
-``OUT``, and prints a summary. Claims are judged from the numbers, never asserted: a claim
-that the runs do not show is reported as not shown.
+``OUT``, and prints a summary (the language-model task's part is ``lm_report``'s). Claims are
+judged from the numbers, never asserted: a claim that the runs do not show is reported as not
+shown.
 """
 
 from __future__ import annotations
@@ -389,6 +390,8 @@ def _paper_table() -> list[str]:
 
 def write_report(out: Path, results: dict[str, Any]) -> Path:
     """Write ``out/report.md`` and its figures; print a summary; return the report's path."""
+    from adampx.experiments.lm_report import lm_section
+
     runs = results["runs"]
     body = [
         "# adampx reproduction report",
@@ -399,6 +402,8 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         *_toy2d(out, runs),
         *_toy3d(out, runs),
         *_classification(out, runs),
+        *lm_section(out, runs),
+        *_failed(results.get("failed", [])),
         *_paper_table(),
     ]
     path = out / "report.md"
@@ -406,6 +411,22 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     _print_summary(runs)
     print(f"\nreport: {path}")
     return path
+
+
+def _failed(failed: list[dict[str, Any]]) -> list[str]:
+    if not failed:
+        return []
+    lines = [
+        "## Failed runs",
+        "",
+        f"{len(failed)} runs failed; `--resume` retries them. The last line of each error "
+        "(the whole traceback is in `results.json`):",
+        "",
+    ]
+    for f in failed:
+        last = f["error"].strip().splitlines()[-1] if f["error"].strip() else "no message"
+        lines.append(f"- `{f['run_id']}`: {last}")
+    return [*lines, ""]
 
 
 def _print_summary(runs: list[dict[str, Any]]) -> None:
@@ -431,3 +452,6 @@ def _print_summary(runs: list[dict[str, Any]]) -> None:
         print()
         for line in _claims(rows):
             print(line.replace("**", ""))
+    from adampx.experiments.lm_report import print_lm_summary
+
+    print_lm_summary(runs)

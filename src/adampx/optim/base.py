@@ -1,8 +1,9 @@
 """What AdamP and SGDP share: gathering each group's tensors, the step, statistics.
 
 The math lives in :mod:`adampx.algorithm`, the implementations in :mod:`adampx.backends`;
-this class validates (:mod:`.validation`), keeps state, loads checkpoints
-(:mod:`.checkpoint`) and makes one functional call per param group.
+this class validates (:mod:`.validation`), refuses or warns about parameters that an engine
+flattened (:mod:`.flattened`), keeps state, loads checkpoints (:mod:`.checkpoint`) and makes
+one functional call per param group.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from adampx.algorithm.projection import Decisions
 from adampx.optim.checkpoint import FOREIGN_GROUP_KEYS, CheckpointLoading
+from adampx.optim.flattened import FlatteningCheck
 from adampx.tools.statistics import StatisticsRecorder, TensorStatistics
 from adampx.util.tensors import check_param
 from adampx.util.workspace import Workspace
@@ -41,7 +43,10 @@ class ProjectedOptimizer(CheckpointLoading):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._statistics = StatisticsRecorder()
         self._workspace = Workspace()  # the backends' scratch buffers, kept between steps
+        self._flattening: FlatteningCheck | None = None  # set once every group is in
         super().__init__(params, defaults)
+        self._flattening = FlatteningCheck(type(self).__name__, "projection")
+        self._flattening.check(self.param_groups)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the first bad hyperparameter of ``group``."""
@@ -74,6 +79,8 @@ class ProjectedOptimizer(CheckpointLoading):
             The closure's loss, or None.
         """
         loss = self._evaluate(closure)
+        if self._flattening is not None and not torch.compiler.is_compiling():
+            self._flattening.check_if_replaced(self.param_groups)  # DeepSpeed's replacements
         if any(group["track_statistics"] for group in self.param_groups):
             self._statistics.start_step()
         else:
@@ -105,6 +112,8 @@ class ProjectedOptimizer(CheckpointLoading):
         super().add_param_group(param_group)
         try:
             self._check_group(self.param_groups[-1])
+            if self._flattening is not None:  # after construction: the groups are all in
+                self._flattening.check(self.param_groups)
         except ValueError:
             self.param_groups.pop()  # a rejected group must not stay in the optimizer
             raise
@@ -113,6 +122,7 @@ class ProjectedOptimizer(CheckpointLoading):
         super().__setstate__(state)
         self.__dict__.setdefault("_statistics", StatisticsRecorder())
         self.__dict__.setdefault("_workspace", Workspace())
+        self.__dict__.setdefault("_flattening", FlatteningCheck(type(self).__name__, "projection"))
         for group in self.param_groups:
             for key, default in self.defaults.items():
                 # torch adds defaults["differentiable"]; "fused" and "capturable" are ours

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
+from adampx.algorithm.caution import check_unsharded
+
 __all__ = ["check_flag", "check_fused", "check_range", "check_shared", "lr_value"]
 
 
@@ -83,6 +85,8 @@ def check_shared(group: dict[str, Any]) -> None:
     check_flag("fused", group["fused"], allow_none=True)
     if group["fused"]:
         check_fused(group)
+    if group.get("caution"):
+        check_unsharded(group["params"])  # FSDP2's shards: the mask needs the whole tensor
     if group["capturable"] and group["track_statistics"]:
         raise ValueError(
             "capturable=True cannot record statistics: track_statistics keeps a host-side "

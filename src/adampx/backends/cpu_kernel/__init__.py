@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adampx.algorithm import caution
 from adampx.algorithm.projection import Decision, OneTensor
 from adampx.algorithm.spec import Step, lr_float
 from adampx.backends.cpu_kernel.abi import Hyper, check_layout
@@ -51,6 +53,7 @@ __all__ = [
     "KernelBuildError",
     "cache_dir",
     "load",
+    "ready",
     "runs_here",
     "step_",
     "supports",
@@ -87,8 +90,8 @@ def runs_here() -> bool:
 
 
 def supports(step: Step) -> str | None:
-    """The kernel runs every AdamP and SGDP option."""
-    return None
+    """The kernel runs every AdamP and SGDP option but the cautious mask."""
+    return caution.REFUSAL if step.caution else None
 
 
 def takes(
@@ -176,6 +179,33 @@ def load() -> Path:
             check_layout(library)
             _LIBRARY = library
         return target
+
+
+_UNBUILT: str | None = None  # why the kernel did not build for ready(), once
+
+
+def ready() -> bool:
+    """Whether the kernel is loaded or builds now, for the default routing (``fused`` left
+    None) of the options torch's fused kernels lack. A build that fails is reported once,
+    as a warning, and not tried again in this process: those tensors take the eager math."""
+    global _UNBUILT
+    if _LIBRARY is not None:
+        return True
+    if _UNBUILT is not None:
+        return False
+    try:
+        load()
+    except KernelBuildError as exc:
+        _UNBUILT = str(exc)
+        warnings.warn(
+            "adampx: AdamP with nesterov=True and SGDP with momentum=0 run on the CPU in "
+            "adampx's C kernel, which could not be built; they take the slower eager math. "
+            f"{exc}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 def _library() -> ctypes.CDLL:

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from adampx.algorithm import caution
 from adampx.algorithm.projection import Decision, OneTensor
 from adampx.algorithm.spec import Step, lr_float
 from adampx.util.tensors import KERNEL_DTYPES, Batch, row_shape
@@ -67,8 +68,8 @@ def runs_here() -> bool:
 
 
 def supports(step: Step) -> str | None:
-    """The kernels run every AdamP and SGDP option."""
-    return None
+    """The kernels run every AdamP and SGDP option but the cautious mask."""
+    return caution.REFUSAL if step.caution else None
 
 
 def takes(
