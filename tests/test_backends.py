@@ -16,6 +16,7 @@ import importlib
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -257,6 +258,33 @@ def test_default_route_on_the_cpu(spy: Spy) -> None:
         opt = AdamP(model.parameters(), lr=1e-2, nesterov=True, fused=True)
         _step(model, opt)
         assert spy.names() == {"cpu-kernel"}
+
+
+def test_nesterov_falls_back_to_the_eager_math_where_the_kernel_does_not_build(
+    spy: Spy, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The default route's use of the C kernel (AdamP's nesterov) needs a compiler: without
+    one, a warning, once, and the eager math, with its numbers."""
+    monkeypatch.setattr(cpu_kernel, "_LIBRARY", None)
+    monkeypatch.setattr(cpu_kernel, "_UNBUILT", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("ADAMPX_KERNEL_CACHE", str(tmp_path / "cache"))
+    model, _ = _net()
+    expected = [p.detach().clone() for p in model.parameters()]
+    reference_model, _ = _net()
+    reference = AdamP(reference_model.parameters(), lr=1e-2, nesterov=True, fused=False)
+    opt = AdamP(model.parameters(), lr=1e-2, nesterov=True)
+    with pytest.warns(RuntimeWarning, match="could not be built; they take the slower eager"):
+        _step(model, opt)
+    assert spy.names() == {"eager"}
+    _step(reference_model, reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        _step(model, opt)
+    _step(reference_model, reference)
+    for p, r, e in zip(model.parameters(), reference_model.parameters(), expected, strict=True):
+        assert not torch.equal(p, e)
+        assert torch.equal(p, r)
 
 
 def test_force_nests_and_restores(spy: Spy) -> None:

@@ -305,3 +305,25 @@ def test_compiled_cautious_step_matches_eager(backend: str) -> None:
             assert check_parity(pairs, state_map(AdamP), rtol=1e-5, atol=1e-6) == 4
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["default"], indirect=True)
+@KIND
+def test_complex_params_are_masked_on_their_real_view(backend: str, kind: str) -> None:
+    """A complex weight steps as its real view does (``[n, m, 2]``: the same rows), the
+    masks included; the gradients are given, the same numbers for both."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(5, 4, 2, generator=gen, dtype=torch.float64)
+    real = weight.clone().requires_grad_()
+    complex_ = torch.view_as_complex(weight.clone()).requires_grad_()
+    hyper = dict(ADAMP if kind == "adamp" else SGDP_HYPER, nesterov=True, delta=10.0)
+    cls = AdamP if kind == "adamp" else SGDP
+    opts = [cls([real], **hyper, caution=True), cls([complex_], **hyper, caution=True)]
+    for _ in range(4):
+        grad = torch.randn(5, 4, 2, generator=gen, dtype=torch.float64)
+        real.grad = grad.clone()
+        complex_.grad = torch.view_as_complex(grad.clone())
+        for opt in opts:
+            opt.step()
+    assert not torch.equal(real.detach(), weight)
+    torch.testing.assert_close(torch.view_as_real(complex_.detach()), real.detach())
