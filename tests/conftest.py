@@ -69,11 +69,11 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 def refuses(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the backend forced here refuses the options of ``optimizer``'s first group:
-    only the eager math (``eager``, ``foreach``) runs the cautious mask; torch's fused
-    kernels, which the ``cpu`` and ``flat`` backends run on, have no Nesterov Adam and no
-    SGD without a momentum buffer."""
+    only the eager math (``eager``, ``foreach``) and the C kernel (``cpu-kernel``) run the
+    cautious mask; torch's fused kernels, which the ``cpu`` and ``flat`` backends run on,
+    have no Nesterov Adam and no SGD without a momentum buffer."""
     forced = adampx.backends.forced()
-    if forced is None or forced.NAME in ("eager", "foreach"):
+    if forced is None or forced.NAME in ("eager", "foreach", "cpu-kernel"):
         return False
     if not isinstance(optimizer, (adampx.AdamP, adampx.SGDP)):
         return False

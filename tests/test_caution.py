@@ -9,8 +9,9 @@ tensor. adampx computes the same with row sums and coefficients (``adampx.algori
 agreement in float64 is a real check; tests_timm/ repeats it against timm itself.
 
 Every test runs once per backend run (``conftest.backend``): the backends that have the
-mask (``eager``, ``foreach``, and the default routing, which sends cautious steps there)
-must match; the fused ones (``cpu``, ``flat``, ``cpu-kernel``) must refuse it when forced.
+mask (``eager``, ``foreach``, ``cpu-kernel``, and the default routing, which sends cautious
+steps to the kernel on the CPU) must match; ``cpu`` and ``flat`` (torch's fused kernels)
+must refuse it when forced.
 """
 
 from __future__ import annotations
@@ -176,8 +177,8 @@ def test_matches_the_definition(
 
 
 @KIND
-def test_fused_true_takes_the_eager_math(kind: str) -> None:
-    """``fused=True`` with ``caution=True``: the kernel has no mask; the eager math steps."""
+def test_fused_true(kind: str) -> None:
+    """``fused=True`` with ``caution=True``: the C kernel's cautious step."""
     hyper = dict(ADAMP if kind == "adamp" else SGDP_HYPER, nesterov=True)
     for model_cls in MODELS:
         train_against_oracle(model_cls, kind, hyper, dict(fused=True))
@@ -219,7 +220,7 @@ def test_mask_in_closed_form(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["default"], indirect=True)
-@pytest.mark.parametrize("name", ["cpu", "flat", "cpu-kernel"])
+@pytest.mark.parametrize("name", ["cpu", "flat"])
 def test_fused_backends_refuse_when_forced(backend: str, name: str) -> None:
     if name not in adampx.backends.available():
         pytest.fail(f"backend {name} should run on CI's machine")
@@ -327,3 +328,39 @@ def test_complex_params_are_masked_on_their_real_view(backend: str, kind: str) -
             opt.step()
     assert not torch.equal(real.detach(), weight)
     torch.testing.assert_close(torch.view_as_real(complex_.detach()), real.detach())
+
+
+@pytest.mark.parametrize("backend", ["default"], indirect=True)
+@KIND
+@pytest.mark.parametrize("delta", [0.0, 10.0], ids=["not-projected", "projected"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_on_tensors_of_many_blocks(
+    backend: str, kind: str, delta: float, threads: int
+) -> None:
+    """The C kernel cuts a tensor it does not project into blocks of 4096 elements (the last
+    one shorter) and runs large ones on every thread: a 1-d tensor of 70,001 elements and a
+    matrix of 97 × 733 (projected per row with ``delta=10``), against the oracle."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(70_001,), (97, 733)]
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    ours = [t.clone().requires_grad_() for t in start]
+    theirs = [t.clone().requires_grad_() for t in start]
+    hyper = dict(ADAMP if kind == "adamp" else SGDP_HYPER, nesterov=True, delta=delta)
+    cls = AdamP if kind == "adamp" else SGDP
+    opt = cls(ours, **hyper, caution=True, fused=True)
+    oracle = Cautious(theirs, kind, **hyper)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(3):
+            for a, b in zip(ours, theirs, strict=True):
+                a.grad = torch.randn(a.shape, generator=gen, dtype=torch.float64)
+                b.grad = a.grad.clone()
+            opt.step()
+            oracle.step()
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(ours, theirs, strict=True):
+        assert_close(a.detach(), b.detach(), f"shape {tuple(a.shape)}")
+    assert oracle.standard > 0
+    assert (oracle.spherical > 0) == (delta == 10.0)

@@ -968,16 +968,18 @@ def _step_once(opt: torch.optim.Optimizer) -> None:
         (AdamP, dict(lr=1e-2, nesterov=True, fused=False, foreach=True), "foreach"),
         (AdamP, dict(lr=1e-2, fused=True), "cpu-kernel"),
         (AdamP, dict(lr=1e-2, nesterov=True, fused=True), "cpu-kernel"),
-        (AdamP, dict(lr=1e-2, caution=True), "eager"),
-        (AdamP, dict(lr=1e-2, caution=True, foreach=True), "foreach"),
-        (AdamP, dict(lr=1e-2, caution=True, fused=True), "eager"),
+        (AdamP, dict(lr=1e-2, caution=True), "cpu-kernel"),
+        (AdamP, dict(lr=1e-2, caution=True, foreach=True), "cpu-kernel"),
+        (AdamP, dict(lr=1e-2, caution=True, fused=True), "cpu-kernel"),
+        (AdamP, dict(lr=1e-2, caution=True, fused=False), "eager"),
+        (AdamP, dict(lr=1e-2, caution=True, fused=False, foreach=True), "foreach"),
         (SGDP, dict(lr=0.1, momentum=0.9), "cpu"),
         (SGDP, dict(lr=0.1), "cpu-kernel"),
         (SGDP, dict(lr=0.1, fused=False), "eager"),
         (SGDP, dict(lr=0.1, fused=False, foreach=True), "foreach"),
         (SGDP, dict(lr=0.1, fused=True), "cpu-kernel"),
         (SGDP, dict(lr=0.1, momentum=0.9, nesterov=True, fused=True), "cpu-kernel"),
-        (SGDP, dict(lr=0.1, momentum=0.9, caution=True), "eager"),
+        (SGDP, dict(lr=0.1, momentum=0.9, caution=True), "cpu-kernel"),
     ],
     ids=[
         "adamp-default",
@@ -992,6 +994,8 @@ def _step_once(opt: torch.optim.Optimizer) -> None:
         "adamp-caution",
         "adamp-caution-foreach",
         "adamp-caution-fused",
+        "adamp-caution-not-fused",
+        "adamp-caution-not-fused-foreach",
         "sgdp-default",
         "sgdp-no-momentum-default",
         "sgdp-no-momentum-not-fused",
@@ -1004,9 +1008,9 @@ def _step_once(opt: torch.optim.Optimizer) -> None:
 def test_which_path_runs_on_cpu(cls: type, hyper: dict, impl: str, path_spy: PathSpy) -> None:
     """The routing of :mod:`adampx.backends.plan` on CPU tensors: ``cpu`` where torch's fused
     kernels run the options (whatever the ``foreach`` flag); for the options they lack
-    (AdamP's nesterov, SGDP without momentum) the C kernel unless ``fused=False``; else,
-    and for the cautious variants, the eager math (``eager`` on the CPU, ``foreach`` where
-    the flag asks); ``fused=True``: ``cpu-kernel``, every option but caution."""
+    (AdamP's nesterov, SGDP without momentum, caution) the C kernel unless ``fused=False``;
+    else the eager math (``eager`` on the CPU, ``foreach`` where the flag asks);
+    ``fused=True``: ``cpu-kernel``, every option."""
     opt = cls(_float32_params(), **hyper)
     _step_once(opt)
     path_spy.assert_only(all_params(opt), impl)

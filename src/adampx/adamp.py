@@ -49,7 +49,8 @@ class AdamP(ProjectedOptimizer):
         caution: the cautious variant (timm's ``caution=True``): the update is kept only
             where its sign agrees with the gradient's (on projected tensors, with the
             gradient's tangential part) and rescaled by the fraction kept; see
-            :mod:`adampx.algorithm.caution`. Runs in the eager math; not under FSDP2.
+            :mod:`adampx.algorithm.caution`. On the CPU in the C kernel, elsewhere in the
+            eager math; not under FSDP2.
         foreach: multi-tensor (True) or per-tensor (False) implementation; None chooses.
         maximize: maximise the objective instead of minimising it.
         projection: set False in a param group to never project its tensors (for example

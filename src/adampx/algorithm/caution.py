@@ -44,8 +44,9 @@ __all__ = ["MIN_KEPT", "REFUSAL", "cautious_project_", "check_unsharded", "mask_
 MIN_KEPT = 1e-3
 """The floor of the kept fraction ``mean(m)`` that the mask is divided by."""
 
-REFUSAL = "caution=True (the cautious mask runs in the eager math: the eager and foreach backends)"
-"""What the fused backends say of a cautious step: its tensors take the eager math."""
+REFUSAL = "caution=True (the cautious mask runs in the eager math and in the cpu-kernel backend)"
+"""What the backends without the mask say of a cautious step (torch's fused kernels, Triton):
+its tensors take the C kernel on the CPU, else the eager math."""
 
 
 def mask_(u: Tensor, g: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ inside ``backends.force(n)``   ``n`` alone; a tensor it cannot take is an error
 ``fused=True``                 ``cpu-kernel`` (a non-CPU tensor is an error), then the eager
                                math
 otherwise                      ``cpu``; for options torch's fused kernels lack (AdamP's
-                               nesterov, SGDP without momentum) ``cpu-kernel`` where a CPU
+                               nesterov, SGDP without momentum, caution) ``cpu-kernel`` where a CPU
                                tensor is stepped, ``fused`` is None and the kernel builds;
                                ``flat`` (not with ``foreach=False`` or without a
                                workspace); then the eager math
@@ -83,7 +83,7 @@ def chain(
         return [cpu_kernel], False
     tried = [cpu]
     if fused is None and on_cpu and cpu.supports(step) is not None:
-        # AdamP's nesterov, SGDP without momentum: in the C kernel where it builds
+        # AdamP's nesterov, SGDP without momentum, caution: in the C kernel where it builds
         if cpu_kernel.supports(step) is None and cpu_kernel.ready():
             tried.append(cpu_kernel)
     if foreach_flag is not False and workspace is not None:

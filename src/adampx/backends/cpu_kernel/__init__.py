@@ -10,7 +10,11 @@ dot with ``p`` and the row's coefficient, then the param, while the row is still
 So AdamP reads 6 and writes 3 param-sized arrays where AdamW reads 4 and writes 3, and SGDP
 reads 5 and writes 2 where SGD reads 3 and writes 2. A tensor projected as a whole, or rows
 longer than :data:`ROW_LIMIT` (rare), take a second pass that recomputes ``d`` from the
-updated moments. One call steps the whole param group.
+updated moments. With ``caution=True`` every tensor takes three passes after its row sums
+(the moments and the rows' ``p·d``; the count of elements the mask keeps and the rows' dots
+with the masked update; the step), ``d`` recomputed from the updated state in each, since the
+mask's mean needs the whole tensor before any element can be written. One call steps the
+whole param group.
 
 The kernel is plain C with OpenMP. It is compiled on first use with the system C compiler
 (``$CC``, else ``cc``; about a second) and cached under ``$ADAMPX_KERNEL_CACHE``, else
@@ -41,7 +45,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adampx.algorithm import caution
 from adampx.algorithm.projection import Decision, OneTensor
 from adampx.algorithm.spec import Step, lr_float
 from adampx.backends.cpu_kernel.abi import Hyper, check_layout
@@ -90,8 +93,8 @@ def runs_here() -> bool:
 
 
 def supports(step: Step) -> str | None:
-    """The kernel runs every AdamP and SGDP option but the cautious mask."""
-    return caution.REFUSAL if step.caution else None
+    """The kernel runs every AdamP and SGDP option."""
+    return None
 
 
 def takes(
@@ -198,8 +201,9 @@ def ready() -> bool:
     except KernelBuildError as exc:
         _UNBUILT = str(exc)
         warnings.warn(
-            "adampx: AdamP with nesterov=True and SGDP with momentum=0 run on the CPU in "
-            "adampx's C kernel, which could not be built; they take the slower eager math. "
+            "adampx: AdamP with nesterov=True, SGDP with momentum=0 and caution=True run on "
+            "the CPU in adampx's C kernel, which could not be built; they take the slower "
+            "eager math. "
             f"{exc}",
             RuntimeWarning,
             stacklevel=2,
@@ -231,6 +235,7 @@ def _hyper(step: Step) -> Hyper:
         delta=step.delta, wd_ratio=step.wd_ratio, momentum=step.momentum,
         dampening=step.dampening, row_limit=0, maximize=int(step.maximize),
         nesterov=int(step.nesterov), threads=torch.get_num_threads(),
+        caution=int(step.caution),
     )  # fmt: skip
 
 
@@ -242,7 +247,8 @@ def step_(step: Step, batch: Batch, workspace: Workspace | None) -> None:
     tested = [step.tested(param) for param in params]
     rows = [p.shape[0] if t else 1 for p, t in zip(ps, tested, strict=True)]
     cols = [p.numel() // r for p, r in zip(ps, rows, strict=True)]
-    sums = torch.empty(4 * max(rows), dtype=torch.float64)  # per row: p·p, g·g, p·g; p·d
+    # per row: p·p, g·g, p·g; p·d; and the cautious step's p·(masked u)
+    sums = torch.empty(5 * max(rows), dtype=torch.float64)
     out = torch.zeros(len(ps), 4, dtype=torch.float64)
     suffix = "f32" if ps[0].dtype == torch.float32 else "f64"
     args = [ctypes.c_int64(len(ps)), *(_pointers(a) for a in [ps, batch.gs, *batch.states])]

@@ -20,7 +20,8 @@ class Hyper(ctypes.Structure):
     ``decay`` is the decay amount ``a`` (``lr·λ`` for AdamP, ``lr·λ/(1−μ)`` for SGDP),
     computed once in Python; the kernel applies ``1 − a·r``. ``momentum`` and ``dampening``
     are SGDP's; ``row_limit`` is the longest row AdamP steps in its per-thread row buffer;
-    ``maximize`` and ``nesterov`` are 0 or 1; ``threads`` is the OpenMP thread count.
+    ``maximize``, ``nesterov`` and ``caution`` are 0 or 1; ``threads`` is the OpenMP thread
+    count.
     """
 
     _fields_ = [
@@ -37,6 +38,7 @@ class Hyper(ctypes.Structure):
         ("maximize", ctypes.c_int32),
         ("nesterov", ctypes.c_int32),
         ("threads", ctypes.c_int32),
+        ("caution", ctypes.c_int32),
     ]
 
 

@@ -19,6 +19,8 @@
  *      - projected as a whole, or rows longer than row_limit (rare): the moments and the
  *        dots p·d in one pass, then p in a second pass that recomputes d from the moments.
  * Untested tensors (and groups with the projection off) take the one-pass AdamW / SGD step.
+ * With caution=True every tensor takes the cautious step instead (three passes, see
+ * cautious in the body).
  * Row sums and dots accumulate in double. The decay amount a (lr·λ, SGDP's lr·λ/(1−μ)) comes
  * computed from Python; keep = 1 − a·r, r = wd_ratio where projected, else 1.
  *
@@ -55,6 +57,7 @@ typedef struct {
     double momentum, dampening; /* SGDP */
     int64_t row_limit;          /* longest row stepped in cache (AdamP's row buffer) */
     int32_t maximize, nesterov, threads;
+    int32_t caution; /* the cautious masks (docs/algorithm.md) */
 } hyper_t;
 
 /* sizeof(hyper_t), then the offset of each field in declaration order, into out (at most
@@ -68,7 +71,7 @@ int64_t adampx_hyper_layout(int64_t *out, int64_t capacity) {
         (int64_t)offsetof(hyper_t, wd_ratio),  (int64_t)offsetof(hyper_t, momentum),
         (int64_t)offsetof(hyper_t, dampening), (int64_t)offsetof(hyper_t, row_limit),
         (int64_t)offsetof(hyper_t, maximize),  (int64_t)offsetof(hyper_t, nesterov),
-        (int64_t)offsetof(hyper_t, threads),
+        (int64_t)offsetof(hyper_t, threads),   (int64_t)offsetof(hyper_t, caution),
     };
     int64_t n = (int64_t)(sizeof layout / sizeof layout[0]);
     if (n > capacity) n = capacity > 0 ? capacity : 0;

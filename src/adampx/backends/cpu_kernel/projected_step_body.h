@@ -82,6 +82,12 @@ static void NAME(adamw)(const NAME(adam_t) *a, int64_t N, T keep, T *p, const T 
     }
 }
 
+/* SGDP's constants (below), and the cautious step both optimizers share (at the end) */
+typedef struct NAME(sgd_s) NAME(sgd_t);
+static void NAME(cautious)(const NAME(adam_t) *a, const NAME(sgd_t) *s, int64_t R, int64_t C,
+                           int view, T keep, T *p, const T *g, T *m, T *v, double *sums,
+                           double eps, int threads);
+
 /* AdamP's step of count tensors (ps[k] of rows[k] × cols[k], its gradient, moments and
  * step counter, which is incremented); the test applies where tested[k]. sums: 4 doubles
  * per row of the longest tensor; row_buffers: row_limit elements per thread; decisions:
@@ -102,6 +108,11 @@ void NAME(adamp)(int64_t count, T **ps, T **gs, T **ms, T **vs, float **steps,
         if (tested[k]) {
             NAME(row_sums)(p, g, R, C, sums, threads);
             view = decide(sums, R, C, h, decisions + 4 * k);
+        }
+        if (h->caution) {
+            const T keep = (T)decay_keep(h, view != NOT_PROJECTED);
+            NAME(cautious)(&a, 0, R, C, view, keep, p, g, m, v, sums, h->eps, threads);
+            continue;
         }
         if (view == NOT_PROJECTED) {
             NAME(adamw)(&a, N, (T)decay_keep(h, 0), p, g, m, v, threads);
@@ -144,10 +155,10 @@ void NAME(adamp)(int64_t count, T **ps, T **gs, T **ms, T **vs, float **steps,
 /* -------------------------------------------------------------------------------- SGDP */
 
 /* the constants of the step, in the element type (damp = 1 − dampening) */
-typedef struct {
+struct NAME(sgd_s) {
     T mu, damp, sign, lr;
     int nesterov;
-} NAME(sgd_t);
+};
 
 /* SGD's direction d = b, or with nesterov g + μ·b (b already updated, g signed) */
 static inline T NAME(sgd_direction)(const NAME(sgd_t) *s, T g, T b) {
@@ -207,6 +218,11 @@ void NAME(sgdp)(int64_t count, T **ps, T **gs, T **bs, const int64_t *rows,
             NAME(row_sums)(p, g, R, C, sums, threads);
             view = decide(sums, R, C, h, decisions + 4 * k);
         }
+        if (h->caution) {
+            const T keep = (T)decay_keep(h, view != NOT_PROJECTED);
+            NAME(cautious)(0, &s, R, C, view, keep, p, g, b, 0, sums, h->eps, threads);
+            continue;
+        }
         if (view == NOT_PROJECTED) {
             NAME(sgd)(&s, N, (T)decay_keep(h, 0), p, g, b, threads);
             continue;
@@ -234,6 +250,126 @@ void NAME(sgdp)(int64_t count, T **ps, T **gs, T **bs, const int64_t *rows,
     }
 }
 
+/* ----------------------------------------------------------------- the cautious step */
+
+/* Pass 2 of a row of n elements (see cautious): the count of elements where u·g⊥ > 0 into
+ * row_kept and Σ p·u over them into row_dot; DIR is element j's direction, gj the signed g.
+ * Branch-free in LANES accumulators, so that it vectorises. */
+#define CAUTIOUS_COUNT(DIR)                                                                    \
+    do {                                                                                       \
+        double count[LANES] = {0}, acc[LANES] = {0};                                           \
+        FOR_LANES(n,                                                                           \
+            const int64_t j = j0 + l;                                                          \
+            const T gj = sign * gi[j], uj = (DIR) - c_u * pi[j];                               \
+            const T kj = uj * (gj - c_g * pi[j]) > 0 ? (T)1 : (T)0;                            \
+            count[l] += kj; acc[l] += (double)pi[j] * (uj * kj);)                              \
+        row_kept = lane_total(count);                                                          \
+        row_dot = lane_total(acc);                                                             \
+    } while (0)
+
+/* Pass 3 of a row: p ← p·keep − step·(w − c_w·p), w = u·[u·g⊥ > 0]·scale */
+#define CAUTIOUS_STEP(DIR)                                                                     \
+    do {                                                                                       \
+        OMP(simd)                                                                              \
+        for (int64_t j = 0; j < n; j++) {                                                      \
+            const T gj = sign * gi[j], uj = (DIR) - c_u * pi[j];                               \
+            const T wj = uj * (gj - c_g * pi[j]) > 0 ? uj * scale : (T)0;                      \
+            pi[j] = pi[j] * keep - step * (wj - c_w * pi[j]);                                  \
+        }                                                                                      \
+    } while (0)
+
+#define ADAM_DIR                                                                               \
+    NAME(adam_direction)(mi[j], vi[j], gj, a->b1, a->inv_bc2_sqrt, a->eps, a->nesterov)
+#define SGD_DIR NAME(sgd_direction)(s, gj, mi[j])
+
+/* One tensor's cautious step (caution=True, docs/algorithm.md), AdamP's (a) or SGDP's (s, m
+ * its buffer, v unused), in three passes, the direction d recomputed from the updated state
+ * in each:
+ *   1. the moments (or the buffer) and each row's p·d;
+ *   2. with u = d − c_u·p and g⊥ = g − c_g·p (c_u, c_g the projection's coefficients of d and
+ *      g in the view that passed), the count of elements where u·g⊥ > 0 and each row's p·u
+ *      over them;
+ *   3. w = u·[u·g⊥ > 0] / max(count / N, 1e-3) and p ← p·keep − step·(w − c_w·p), c_w the
+ *      coefficient of w.
+ * Projected, the passes go over the R rows of C elements. Not projected (the standard mask:
+ * every coefficient zero), over blocks of at most BLOCK elements, whatever R is, so that
+ * every thread takes part; nothing per row is kept then. sums: the rows' p·p, g·g, p·g (3
+ * per row), then 2 doubles per row of room, read and written only where projected. */
+static void NAME(cautious)(const NAME(adam_t) *a, const NAME(sgd_t) *s, int64_t R, int64_t C,
+                           int view, T keep, T *p, const T *g, T *m, T *v, double *sums,
+                           double eps, int threads) {
+    (void)threads; /* unused without OpenMP */
+    const int64_t N = R * C;
+    const int projected = view != NOT_PROJECTED;
+    const T sign = a ? a->sign : s->sign, step = a ? a->step : s->lr;
+    if (!projected) { /* blocks: a unit of work only */
+        C = N < BLOCK ? N : BLOCK;
+        R = C ? (N + C - 1) / C : 0;
+    }
+    /* per row, where projected: p·d then c_u; p·u over the kept elements */
+    double *cu = projected ? sums + 3 * R : 0, *cw = projected ? sums + 4 * R : 0;
+    OMP(parallel for num_threads(threads) schedule(static) if(N > PARALLEL))
+    for (int64_t i = 0; i < R; i++) {
+        const int64_t n = N - i * C < C ? N - i * C : C;
+        double pd = a ? NAME(adam_moments)(a, n, p + i * C, g + i * C, m + i * C, v + i * C, 0)
+                      : NAME(sgd_momentum)(s, n, p + i * C, g + i * C, m + i * C);
+        if (projected) cu[i] = pd;
+    }
+    double whole = 1, layer_u = 0, layer_g = 0;
+    if (view == LAYER) {
+        double pd = 0, pg = 0;
+        for (int64_t i = 0; i < R; i++) { pd += cu[i]; pg += sums[3 * i + 2]; }
+        whole = whole_scale(sums, R, eps);
+        layer_u = pd / whole;
+        layer_g = (double)sign * pg / whole;
+    }
+    if (projected)
+        for (int64_t i = 0; i < R; i++)
+            cu[i] = view == CHANNEL ? cu[i] / row_scale(sums[3 * i], eps) : layer_u;
+    double kept = 0;
+    OMP(parallel for num_threads(threads) schedule(static) if(N > PARALLEL) reduction(+ : kept))
+    for (int64_t i = 0; i < R; i++) {
+        const int64_t n = N - i * C < C ? N - i * C : C;
+        const T *pi = p + i * C, *gi = g + i * C, *mi = m + i * C, *vi = v ? v + i * C : 0;
+        const T c_u = (T)(projected ? cu[i] : 0.0);
+        const T c_g = (T)(view == CHANNEL ? (double)sign * sums[3 * i + 2]
+                                                / row_scale(sums[3 * i], eps)
+                                          : layer_g);
+        double row_kept, row_dot;
+        (void)vi;
+        if (a) CAUTIOUS_COUNT(ADAM_DIR);
+        else CAUTIOUS_COUNT(SGD_DIR);
+        if (projected) cw[i] = row_dot;
+        kept += row_kept;
+    }
+    const T fraction = (T)kept / (T)N;
+    const T scale = (T)1 / (fraction > (T)1e-3 ? fraction : (T)1e-3);
+    double layer_w = 0;
+    if (view == LAYER) {
+        for (int64_t i = 0; i < R; i++) layer_w += cw[i];
+        layer_w = layer_w * (double)scale / whole;
+    }
+    OMP(parallel for num_threads(threads) schedule(static) if(N > PARALLEL))
+    for (int64_t i = 0; i < R; i++) {
+        const int64_t n = N - i * C < C ? N - i * C : C;
+        T *pi = p + i * C;
+        const T *gi = g + i * C, *mi = m + i * C, *vi = v ? v + i * C : 0;
+        const T c_u = (T)(projected ? cu[i] : 0.0);
+        const T c_g = (T)(view == CHANNEL ? (double)sign * sums[3 * i + 2]
+                                                / row_scale(sums[3 * i], eps)
+                                          : layer_g);
+        const T c_w = (T)(view == CHANNEL ? cw[i] * (double)scale / row_scale(sums[3 * i], eps)
+                                          : layer_w);
+        (void)vi;
+        if (a) CAUTIOUS_STEP(ADAM_DIR);
+        else CAUTIOUS_STEP(SGD_DIR);
+    }
+}
+
+#undef CAUTIOUS_COUNT
+#undef CAUTIOUS_STEP
+#undef ADAM_DIR
+#undef SGD_DIR
 #undef NAME
 #undef CAT
 #undef CAT_
