@@ -287,6 +287,27 @@ def test_nesterov_falls_back_to_the_eager_math_where_the_kernel_does_not_build(
         assert torch.equal(p, r)
 
 
+def test_a_kernel_that_does_not_load_is_a_warning_too(
+    spy: Spy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A built library that cannot be loaded (a truncated file: ``OSError``; a struct out of
+    step: ``RuntimeError``) is, for the default route, the same warning and the eager math."""
+    for error in (OSError("file too short"), RuntimeError("hyper_t layout mismatch")):
+        monkeypatch.setattr(cpu_kernel, "_LIBRARY", None)
+        monkeypatch.setattr(cpu_kernel, "_UNBUILT", None)
+
+        def broken(error: Exception = error) -> None:
+            raise error
+
+        monkeypatch.setattr(cpu_kernel, "load", broken)
+        model, _ = _net()
+        opt = AdamP(model.parameters(), lr=1e-2, nesterov=True)
+        with pytest.warns(RuntimeWarning, match=str(error)):
+            _step(model, opt)
+        assert spy.names() == {"eager"}
+        spy.seen.clear()
+
+
 def test_force_nests_and_restores(spy: Spy) -> None:
     model, opt = _net()
     assert backends.forced() is None

@@ -364,3 +364,31 @@ def test_kernel_on_tensors_of_many_blocks(
         assert_close(a.detach(), b.detach(), f"shape {tuple(a.shape)}")
     assert oracle.standard > 0
     assert (oracle.spherical > 0) == (delta == 10.0)
+
+
+@pytest.mark.parametrize("backend", ["default"], indirect=True)
+@KIND
+def test_a_nan_or_inf_gradient_gives_the_eager_maths_nan(backend: str, kind: str) -> None:
+    """The kernel's mask multiplies, as the eager math's does: a NaN or inf in the gradient
+    of a tested and of an untested tensor makes the same elements NaN or inf (never a
+    silent zero that would freeze the weight), and the finite ones agree."""
+    results = []
+    for fused in (True, None, False):
+        gen = torch.Generator().manual_seed(5)
+        a = torch.randn(16, 40, generator=gen, dtype=torch.float64).requires_grad_()
+        b = torch.randn(40, generator=gen, dtype=torch.float64).requires_grad_()
+        hyper = dict(ADAMP if kind == "adamp" else SGDP_HYPER, nesterov=True)
+        cls = AdamP if kind == "adamp" else SGDP
+        opt = cls([a, b], **hyper, caution=True, fused=fused)
+        for i in range(3):
+            a.grad = torch.randn(a.shape, generator=gen, dtype=torch.float64)
+            b.grad = torch.randn(b.shape, generator=gen, dtype=torch.float64)
+            if i == 1:
+                a.grad[0, 0], b.grad[3] = float("nan"), float("inf")
+            opt.step()
+        results.append((a.detach(), b.detach()))
+    eager = results[-1]
+    assert not eager[0].isfinite().all() and not eager[1].isfinite().all()
+    for kernel in results[:-1]:
+        for x, y in zip(kernel, eager, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, equal_nan=True)

@@ -16,10 +16,10 @@ inside ``backends.force(n)``   ``n`` alone; a tensor it cannot take is an error
 ``fused=True``                 ``cpu-kernel`` (a non-CPU tensor is an error), then the eager
                                math
 otherwise                      ``cpu``; for options torch's fused kernels lack (AdamP's
-                               nesterov, SGDP without momentum, caution) ``cpu-kernel`` where a CPU
-                               tensor is stepped, ``fused`` is None and the kernel builds;
-                               ``flat`` (not with ``foreach=False`` or without a
-                               workspace); then the eager math
+                               nesterov, SGDP without momentum, caution) ``cpu-kernel``
+                               where a CPU tensor is stepped, ``fused`` is None and the
+                               kernel builds; ``flat`` (not with ``foreach=False`` or
+                               without a workspace); then the eager math
 =============================  ===========================================================
 
 The eager math is ``foreach`` where the ``foreach`` flag says so or, for ``foreach=None``,

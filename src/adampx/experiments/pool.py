@@ -265,7 +265,9 @@ class Pool:
         queue = list(jobs)
         queue.reverse()  # pop() from the end hands them out in order
         try:
-            self._slots = [self._start(i) for i in range(min(self.jobs, len(queue)))]
+            self._slots = []
+            for i in range(min(self.jobs, len(queue))):  # each kept as it starts: a Ctrl-C
+                self._slots.append(self._start(i))  # between two starts stops the first
             for slot in self._slots:
                 self._hand_out(slot, queue, on_start)
             while any(s.busy for s in self._slots):

@@ -198,7 +198,7 @@ def ready() -> bool:
         return False
     try:
         load()
-    except KernelBuildError as exc:
+    except (OSError, RuntimeError) as exc:  # no compiler, a failed build, a broken library
         _UNBUILT = str(exc)
         warnings.warn(
             "adampx: AdamP with nesterov=True, SGDP with momentum=0 and caution=True run on "

@@ -260,21 +260,26 @@ void NAME(sgdp)(int64_t count, T **ps, T **gs, T **bs, const int64_t *rows,
         double count[LANES] = {0}, acc[LANES] = {0};                                           \
         FOR_LANES(n,                                                                           \
             const int64_t j = j0 + l;                                                          \
-            const T gj = sign * gi[j], uj = (DIR) - c_u * pi[j];                               \
-            const T kj = uj * (gj - c_g * pi[j]) > 0 ? (T)1 : (T)0;                            \
+            const T gj = sign * gi[j], dj = (DIR);                                             \
+            const T uj = projected ? dj - c_u * pi[j] : dj;                                    \
+            const T kj = uj * (projected ? gj - c_g * pi[j] : gj) > 0 ? (T)1 : (T)0;           \
             count[l] += kj; acc[l] += (double)pi[j] * (uj * kj);)                              \
         row_kept = lane_total(count);                                                          \
         row_dot = lane_total(acc);                                                             \
     } while (0)
 
-/* Pass 3 of a row: p ← p·keep − step·(w − c_w·p), w = u·[u·g⊥ > 0]·scale */
+/* Pass 3 of a row: p ← p·keep − step·(w − c_w·p), w = u·([u·g⊥ > 0]·scale). The mask
+ * multiplies, as in the eager math: a NaN or inf in u stays NaN, never a silent 0. Not
+ * projected, u is d and g⊥ is g, with no term in p (an inf weight stays inf). */
 #define CAUTIOUS_STEP(DIR)                                                                     \
     do {                                                                                       \
         OMP(simd)                                                                              \
         for (int64_t j = 0; j < n; j++) {                                                      \
-            const T gj = sign * gi[j], uj = (DIR) - c_u * pi[j];                               \
-            const T wj = uj * (gj - c_g * pi[j]) > 0 ? uj * scale : (T)0;                      \
-            pi[j] = pi[j] * keep - step * (wj - c_w * pi[j]);                                  \
+            const T gj = sign * gi[j], dj = (DIR);                                             \
+            const T uj = projected ? dj - c_u * pi[j] : dj;                                    \
+            const T kj = uj * (projected ? gj - c_g * pi[j] : gj) > 0 ? (T)1 : (T)0;           \
+            const T wj = uj * (scale * kj);                                                    \
+            pi[j] = pi[j] * keep - step * (projected ? wj - c_w * pi[j] : wj);                 \
         }                                                                                      \
     } while (0)
 
