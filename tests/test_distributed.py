@@ -9,8 +9,9 @@ single-process run computed here.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +72,28 @@ def train(model: nn.Module, opt: Any, steps: int, dtype: torch.dtype) -> list[di
     return views
 
 
+@contextlib.contextmanager
+def gloo(rank: int, world: int, store: str) -> Iterator[None]:
+    """A worker's gloo process group through a file store (no port to race for), one
+    thread; on leaving, a barrier (no rank tears gloo down while another still talks to it),
+    then the group destroyed. The worker then ends with ``os._exit(0)``, skipping the
+    interpreter's teardown: now and then a gloo thread still joinable there aborts the
+    process ("terminate called without an active exception") after all work is done."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def full(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def _worker(rank: int, world: int, store: str, scheme: str, out: str) -> None:
-    torch.set_num_threads(1)
-    # a file store: no port to race for
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo(rank, world, store):
         results: dict[Any, Any] = {}
         collectives: dict[str, int] = {}
         for name, make in CONFIGS.items():
@@ -128,12 +142,7 @@ def _worker(rank: int, world: int, store: str, scheme: str, out: str) -> None:
                     collectives[name] = comm.get_total_counts()
         if rank == 0:
             torch.save((results, collectives), out)
-        dist.barrier()  # no rank tears gloo down while another still talks to it
-    finally:
-        dist.destroy_process_group()
-    # Skip the interpreter's teardown: now and then a gloo thread still joinable there aborts
-    # the process ("terminate called without an active exception") after all work is done.
-    os._exit(0)
+    os._exit(0)  # see gloo
 
 
 def run_scheme(scheme: str, world: int, tmp_path: Path) -> tuple[dict[Any, Any], dict[str, int]]:
@@ -206,9 +215,7 @@ def _dcp_worker(rank: int, world: int, store: str, phase: str, ckpt: str, out: s
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo(rank, world, store):
         model = make_model()
         fully_shard(model)
         opt = CONFIGS["adamp"](model.parameters(), False)
@@ -231,9 +238,6 @@ def _dcp_worker(rank: int, world: int, store: str, phase: str, ckpt: str, out: s
             params = [full(p).detach().clone() for p in model.parameters()]
             if rank == 0:
                 torch.save(params, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
     os._exit(0)
 
 
@@ -262,9 +266,7 @@ def _projected_worker(rank: int, world: int, store: str, out: str) -> None:
     """FSDP2 (``fully_shard``) training with :func:`make_projected`, per foreach setting."""
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo(rank, world, store):
         results = {}
         for foreach in (False, True):
             model = make_model()
@@ -273,9 +275,6 @@ def _projected_worker(rank: int, world: int, store: str, out: str) -> None:
             results[foreach] = [full(p).detach().clone() for p in model.parameters()]
         if rank == 0:
             torch.save(results, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
     os._exit(0)
 
 
@@ -314,9 +313,7 @@ def _caution_worker(rank: int, world: int, store: str, out: str) -> None:
     group switched to caution after construction) before anything changes."""
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo(rank, world, store):
         model = make_model()
         fully_shard(model)
         errors = []
@@ -343,9 +340,6 @@ def _caution_worker(rank: int, world: int, store: str, out: str) -> None:
             errors.append(f"unchanged={unchanged}")
         if rank == 0:
             torch.save(errors, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
     os._exit(0)
 
 

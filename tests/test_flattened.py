@@ -21,14 +21,21 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from adampx import SGDP, AdamP, Projected
 from adampx.optim.flattened import FlattenedParamsWarning
 from adampx.tools.param_groups import param_groups
-from test_distributed import CONFIGS, STEPS, make_model, make_projected, single_process, train
+from test_distributed import (
+    CONFIGS,
+    STEPS,
+    gloo,
+    make_model,
+    make_projected,
+    single_process,
+    train,
+)
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "AdamP": lambda ps: AdamP(ps, lr=1e-2, weight_decay=0.1),
@@ -225,9 +232,7 @@ def _fsdp_worker(rank: int, world: int, store: str, out: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy, fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo(rank, world, store):
         results: dict[Any, Any] = {}
 
         def fsdp1(case: str) -> nn.Module:
@@ -262,10 +267,7 @@ def _fsdp_worker(rank: int, world: int, store: str, out: str) -> None:
             trained = [p.detach().clone() for p in net.parameters()]
             results[("trained", name)] = (trained, flat_count(caught))
         torch.save(results, f"{out}.{rank}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # as in tests/test_distributed.py: no gloo teardown at exit
+    os._exit(0)  # see test_distributed.gloo
 
 
 @pytest.mark.slow

@@ -34,10 +34,8 @@ from adampx.algorithm.projection import (
     Decision,
     apply_projection_,
     outcome_of,
-    row_dot,
     row_statistics,
 )
-from adampx.util.tensors import like_param, replicated
 
 __all__ = ["MIN_KEPT", "REFUSAL", "cautious_project_", "check_unsharded", "mask_"]
 
@@ -66,13 +64,13 @@ def cautious_project_(
     """
     stats = row_statistics(p, g)
     outcome = outcome_of(stats, delta, eps)
-    apply_projection_(p, u, outcome.coefficients(replicated(row_dot(p, u))))
+    outcome.project_(p, u)
     # g⊥: the coefficients are zero where the test does not project, so g⊥ is g there and
     # the second projection leaves u as it is: one path for both outcomes, no host sync
     g_perp = apply_projection_(p, g.clone(), outcome.coefficients(stats.gp))
     mask_(u, g_perp)
-    apply_projection_(p, u, outcome.coefficients(replicated(row_dot(p, u))))
-    return like_param(outcome.ratio(wd_ratio).to(u.dtype), p), outcome.decision(delta)
+    outcome.project_(p, u)
+    return outcome.result(p, u, delta=delta, wd_ratio=wd_ratio)
 
 
 def check_unsharded(params: list[Tensor]) -> None:

@@ -258,6 +258,18 @@ class Outcome(NamedTuple):
         channel = rows.per_row(self.channel)
         return torch.where(channel, dots / radial_scale(self.p_norm, self.eps), rows.per_row(layer))
 
+    def project_(self, p: Tensor, u: Tensor) -> Tensor:
+        """One tensor's ``u ← u − c_i p_i`` in place, ``c_i`` the coefficients of ``u``
+        (:meth:`coefficients` of its row dots with ``p``); returns ``u``."""
+        return apply_projection_(p, u, self.coefficients(replicated(row_dot(p, u))))
+
+    def result(
+        self, p: Tensor, u: Tensor, *, delta: float, wd_ratio: float
+    ) -> tuple[Tensor, Decision]:
+        """One tensor's ``(r, decision)`` as :func:`project_` returns them: the weight-decay
+        multiplier as a 0-d tensor of ``u``'s dtype, and the :class:`Decision`."""
+        return like_param(self.ratio(wd_ratio).to(u.dtype), p), self.decision(delta)
+
     def part(self, rows: Rows, row_slice: slice, tensors: slice) -> Outcome:
         """The outcome of the tensors ``tensors`` (rows ``row_slice``) of a multi-tensor test,
         whose rows are ``rows``."""
@@ -445,5 +457,5 @@ def project_with_(
     """:func:`project_` from row statistics taken earlier (``row_statistics(p, g)``), for a
     caller whose gradient may have changed since (``adampx.Projected``)."""
     outcome = outcome_of(stats, delta, eps)
-    apply_projection_(p, u, outcome.coefficients(replicated(row_dot(p, u))))
-    return like_param(outcome.ratio(wd_ratio).to(u.dtype), p), outcome.decision(delta)
+    outcome.project_(p, u)
+    return outcome.result(p, u, delta=delta, wd_ratio=wd_ratio)

@@ -67,13 +67,13 @@ def chain(
     foreach_flag: bool | None,
     fused: bool | None,
     workspace: Workspace | None,
-    on_cpu: bool = True,
+    tensors: list[Tensor] | None = None,
 ) -> tuple[list[ModuleType], bool]:
     """The backends to try for a group's tensors, in order, before the eager math (see
     :func:`eager_math`), and whether the first one is imposed (no tensor may fall through).
 
-    ``on_cpu``: whether the group has CPU tensors (only then is the C kernel built for the
-    options that torch's fused kernels lack)."""
+    ``tensors``: the group's compute views; the C kernel is built for the options that
+    torch's fused kernels lack only where one of them is on the CPU (None: assume one is)."""
     if torch.compiler.is_compiling():
         return [], False
     imposed = backends.forced()
@@ -82,7 +82,8 @@ def chain(
     if fused:
         return [cpu_kernel], False
     tried = [cpu]
-    if fused is None and on_cpu and cpu.supports(step) is not None:
+    refused = fused is None and cpu.supports(step) is not None
+    if refused and (tensors is None or any(t.is_cpu for t in tensors)):
         # AdamP's nesterov, SGDP without momentum, caution: in the C kernel where it builds
         if cpu_kernel.supports(step) is None and cpu_kernel.ready():
             tried.append(cpu_kernel)
@@ -107,9 +108,8 @@ def route(
     workspace: Workspace | None,
 ) -> list[tuple[ModuleType, list[int]]]:
     """Which backend steps which tensors of ``batch``: ``(backend, indices)`` pairs."""
-    on_cpu = any(p.is_cpu for p in batch.ps)
     candidates, imposed = chain(
-        step, foreach_flag=foreach_flag, fused=fused, workspace=workspace, on_cpu=on_cpu
+        step, foreach_flag=foreach_flag, fused=fused, workspace=workspace, tensors=batch.ps
     )
     usable = []
     for backend in candidates:

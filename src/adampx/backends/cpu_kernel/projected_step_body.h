@@ -84,9 +84,9 @@ static void NAME(adamw)(const NAME(adam_t) *a, int64_t N, T keep, T *p, const T 
 
 /* SGDP's constants (below), and the cautious step both optimizers share (at the end) */
 typedef struct NAME(sgd_s) NAME(sgd_t);
-static void NAME(cautious)(const NAME(adam_t) *a, const NAME(sgd_t) *s, int64_t R, int64_t C,
-                           int view, T keep, T *p, const T *g, T *m, T *v, double *sums,
-                           double eps, int threads);
+static void NAME(cautious)(const NAME(adam_t) *a, const NAME(sgd_t) *s, const hyper_t *h,
+                           int64_t R, int64_t C, int view, T *p, const T *g, T *m, T *v,
+                           double *sums);
 
 /* AdamP's step of count tensors (ps[k] of rows[k] × cols[k], its gradient, moments and
  * step counter, which is incremented); the test applies where tested[k]. sums: 4 doubles
@@ -110,8 +110,7 @@ void NAME(adamp)(int64_t count, T **ps, T **gs, T **ms, T **vs, float **steps,
             view = decide(sums, R, C, h, decisions + 4 * k);
         }
         if (h->caution) {
-            const T keep = (T)decay_keep(h, view != NOT_PROJECTED);
-            NAME(cautious)(&a, 0, R, C, view, keep, p, g, m, v, sums, h->eps, threads);
+            NAME(cautious)(&a, 0, h, R, C, view, p, g, m, v, sums);
             continue;
         }
         if (view == NOT_PROJECTED) {
@@ -219,8 +218,7 @@ void NAME(sgdp)(int64_t count, T **ps, T **gs, T **bs, const int64_t *rows,
             view = decide(sums, R, C, h, decisions + 4 * k);
         }
         if (h->caution) {
-            const T keep = (T)decay_keep(h, view != NOT_PROJECTED);
-            NAME(cautious)(0, &s, R, C, view, keep, p, g, b, 0, sums, h->eps, threads);
+            NAME(cautious)(0, &s, h, R, C, view, p, g, b, 0, sums);
             continue;
         }
         if (view == NOT_PROJECTED) {
@@ -283,6 +281,12 @@ void NAME(sgdp)(int64_t count, T **ps, T **gs, T **bs, const int64_t *rows,
         }                                                                                      \
     } while (0)
 
+/* row i's projection coefficient of a direction whose dot with p_i is dot: channel view
+ * dot / (‖p_i‖ + eps)² (dot read only then), else the tensor's, layer (0 where not
+ * projected) */
+#define COEFFICIENT(dot, layer)                                                                \
+    (view == CHANNEL ? (dot) / row_scale(sums[3 * i], eps) : (layer))
+
 #define ADAM_DIR                                                                               \
     NAME(adam_direction)(mi[j], vi[j], gj, a->b1, a->inv_bc2_sqrt, a->eps, a->nesterov)
 #define SGD_DIR NAME(sgd_direction)(s, gj, mi[j])
@@ -300,12 +304,15 @@ void NAME(sgdp)(int64_t count, T **ps, T **gs, T **bs, const int64_t *rows,
  * every coefficient zero), over blocks of at most BLOCK elements, whatever R is, so that
  * every thread takes part; nothing per row is kept then. sums: the rows' p·p, g·g, p·g (3
  * per row), then 2 doubles per row of room, read and written only where projected. */
-static void NAME(cautious)(const NAME(adam_t) *a, const NAME(sgd_t) *s, int64_t R, int64_t C,
-                           int view, T keep, T *p, const T *g, T *m, T *v, double *sums,
-                           double eps, int threads) {
+static void NAME(cautious)(const NAME(adam_t) *a, const NAME(sgd_t) *s, const hyper_t *h,
+                           int64_t R, int64_t C, int view, T *p, const T *g, T *m, T *v,
+                           double *sums) {
+    const int threads = h->threads;
     (void)threads; /* unused without OpenMP */
+    const double eps = h->eps;
     const int64_t N = R * C;
     const int projected = view != NOT_PROJECTED;
+    const T keep = (T)decay_keep(h, projected);
     const T sign = a ? a->sign : s->sign, step = a ? a->step : s->lr;
     if (!projected) { /* blocks: a unit of work only */
         C = N < BLOCK ? N : BLOCK;
@@ -329,17 +336,14 @@ static void NAME(cautious)(const NAME(adam_t) *a, const NAME(sgd_t) *s, int64_t 
         layer_g = (double)sign * pg / whole;
     }
     if (projected)
-        for (int64_t i = 0; i < R; i++)
-            cu[i] = view == CHANNEL ? cu[i] / row_scale(sums[3 * i], eps) : layer_u;
+        for (int64_t i = 0; i < R; i++) cu[i] = COEFFICIENT(cu[i], layer_u);
     double kept = 0;
     OMP(parallel for num_threads(threads) schedule(static) if(N > PARALLEL) reduction(+ : kept))
     for (int64_t i = 0; i < R; i++) {
         const int64_t n = N - i * C < C ? N - i * C : C;
         const T *pi = p + i * C, *gi = g + i * C, *mi = m + i * C, *vi = v ? v + i * C : 0;
         const T c_u = (T)(projected ? cu[i] : 0.0);
-        const T c_g = (T)(view == CHANNEL ? (double)sign * sums[3 * i + 2]
-                                                / row_scale(sums[3 * i], eps)
-                                          : layer_g);
+        const T c_g = (T)COEFFICIENT((double)sign * sums[3 * i + 2], layer_g);
         double row_kept, row_dot;
         (void)vi;
         if (a) CAUTIOUS_COUNT(ADAM_DIR);
@@ -360,11 +364,8 @@ static void NAME(cautious)(const NAME(adam_t) *a, const NAME(sgd_t) *s, int64_t 
         T *pi = p + i * C;
         const T *gi = g + i * C, *mi = m + i * C, *vi = v ? v + i * C : 0;
         const T c_u = (T)(projected ? cu[i] : 0.0);
-        const T c_g = (T)(view == CHANNEL ? (double)sign * sums[3 * i + 2]
-                                                / row_scale(sums[3 * i], eps)
-                                          : layer_g);
-        const T c_w = (T)(view == CHANNEL ? cw[i] * (double)scale / row_scale(sums[3 * i], eps)
-                                          : layer_w);
+        const T c_g = (T)COEFFICIENT((double)sign * sums[3 * i + 2], layer_g);
+        const T c_w = (T)COEFFICIENT(cw[i] * (double)scale, layer_w);
         (void)vi;
         if (a) CAUTIOUS_STEP(ADAM_DIR);
         else CAUTIOUS_STEP(SGD_DIR);
@@ -372,6 +373,7 @@ static void NAME(cautious)(const NAME(adam_t) *a, const NAME(sgd_t) *s, int64_t 
 }
 
 #undef CAUTIOUS_COUNT
+#undef COEFFICIENT
 #undef CAUTIOUS_STEP
 #undef ADAM_DIR
 #undef SGD_DIR
