@@ -4,9 +4,10 @@
     python benchmarks/gpu_check.py --sets resnet50 --rounds 50 --device cuda:1
 
 Needs an NVIDIA GPU. Without CUDA the script says so and exits with status 0. It prints a
-report in six parts; the paths checked are each optimizer's default (on CUDA, the ``flat``
-backend), its per-tensor path (``foreach=False``) and, where Triton is installed, the
-``triton`` backend (imposed with ``adampx.backends.force``).
+report in six parts; the paths checked are each optimizer's default (on CUDA, the ``triton``
+backend where Triton is installed, else the multi-tensor eager math: the header says
+which), AdamP with ``nesterov=True`` (timm's default, also ``triton``), the multi-tensor
+eager math (``foreach=True, fused=False``) and the per-tensor path (``foreach=False``).
 ``fused=True`` is adampx's CPU kernel and is not used here.
 
 0. Parity on CUDA: the default path against the reference package ``adamp`` (float64, if
@@ -17,7 +18,9 @@ backend), its per-tensor path (``foreach=False``) and, where Triton is installed
    ``torch.cuda.set_sync_debug_mode("error")``, which turns every synchronizing CUDA call
    (``.item()``, a blocking device-to-host copy, ...) into a RuntimeError. A positive
    control first checks that the mode does raise on ``.item()`` with this torch build.
-   Target: zero host syncs on every path.
+   The default paths are also stepped through ``torch.amp.GradScaler`` (the scaler hands
+   its scale and inf flag to the Triton kernels), one step with an inf gradient among them,
+   which must leave the params as they were. Target: zero host syncs on every path.
 2. CUDA-graph capture: with ``capturable=True``, ``opt.step()`` is warmed up on a side stream
    and captured in a ``torch.cuda.CUDAGraph``, as the PyTorch CUDA-graph docs describe;
    the graph is then replayed with fresh gradients copied into the static ``.grad``
@@ -33,7 +36,9 @@ backend), its per-tensor path (``foreach=False``) and, where Triton is installed
    and to SGD(momentum=0.9, fused=True) for the SGD family, and the peak memory one step
    allocates beyond what was allocated before it (``torch.cuda.max_memory_allocated``), and
    the scratch buffers an adampx optimizer keeps between steps ("kept MiB").
-   Target: AdamP default <= 1.5x fused AdamW.
+   Targets: AdamP default <= 1.5x AdamW(fused=True) and SGDP default <= 1.5x
+   SGD(fused=True), on every shape set; >= 5x faster than the reference package; kept
+   memory under 1 % of the params.
 4. Graph replay time, printed under each set's table: AdamP's default path captured in a
    CUDA graph against AdamW(fused=True, capturable=True) captured the same way (only if
    the capture check of AdamP default passed).
@@ -50,6 +55,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import math
 import platform
 import statistics
 import sys
@@ -83,7 +89,9 @@ reference = load_reference()
 Factory = Callable[[Sequence[Tensor]], Any]
 
 RTOL = 1e-5  # float32 tolerance of the capture check (normwise, per tensor)
-TARGET_RATIO = 1.5  # AdamP default step time / AdamW fused step time
+TARGET_RATIO = 1.5  # AdamP (SGDP) default step time / AdamW (SGD) fused step time
+REFERENCE_SPEEDUP = 5.0  # the reference package's step time / the default's, at least
+KEPT_SHARE = 0.01  # the scratch an optimizer keeps between steps / the params' memory
 WARMUP_STEPS = 3  # eager steps on a side stream before a capture
 REPLAYS = 5  # graph replays compared with eager steps
 
@@ -111,75 +119,61 @@ class CheckResult:
 # ---------------------------------------------------------------------------- optimizers
 
 
-def forced(cls: type, backend: str) -> type:
-    """``cls`` whose every step takes ``backend`` (``adampx.backends.force``)."""
-
-    class Forced(cls):  # type: ignore[misc, valid-type]
-        def step(self, closure: Any = None) -> Any:
-            with adampx.backends.force(backend):
-                return super().step(closure)
-
-    Forced.__name__ = f"{cls.__name__}[{backend}]"
-    return Forced
-
-
-# On CUDA only: on the CPU (where the tests run the parity section) it would be Triton's
-# interpreter, minutes for these shapes; tests/test_triton.py checks the kernels there.
-TRITON = torch.cuda.is_available() and "triton" in adampx.backends.available()
-
-
-def triton_paths(capturable: bool) -> dict[str, Factory]:
-    """AdamP and SGDP on the ``triton`` backend, where it runs."""
-    if not TRITON:
-        return {}
-    adamp_cls, sgdp_cls = forced(adampx.AdamP, "triton"), forced(adampx.SGDP, "triton")
-    return {
-        "AdamP triton": lambda ps: adamp_cls(ps, weight_decay=1e-2, capturable=capturable),
-        "SGDP triton": lambda ps: sgdp_cls(
-            ps, lr=0.1, momentum=0.9, weight_decay=1e-2, capturable=capturable
-        ),
-    }
+def default_backend() -> str:
+    """The backend the default path takes for CUDA float32 tensors here."""
+    if torch.cuda.is_available() and "triton" in adampx.backends.available():
+        return "triton"
+    return "foreach (Triton is not installed)"
 
 
 def adampx_paths(capturable: bool) -> dict[str, Factory]:
-    """The checked paths of AdamP and SGDP: default (multi-tensor on CUDA), per-tensor, and
-    the ``triton`` backend where it runs."""
+    """The checked paths of AdamP and SGDP: the default (``triton`` on CUDA), AdamP with
+    nesterov, the multi-tensor eager math and the per-tensor path."""
+    c = capturable
     return {
-        **triton_paths(capturable),
-        "AdamP default": lambda ps: adampx.AdamP(ps, weight_decay=1e-2, capturable=capturable),
+        "AdamP default": lambda ps: adampx.AdamP(ps, weight_decay=1e-2, capturable=c),
+        "AdamP nesterov": lambda ps: adampx.AdamP(
+            ps, weight_decay=1e-2, nesterov=True, capturable=c
+        ),
+        "AdamP foreach": lambda ps: adampx.AdamP(
+            ps, weight_decay=1e-2, foreach=True, fused=False, capturable=c
+        ),
         "AdamP per-tensor": lambda ps: adampx.AdamP(
-            ps, weight_decay=1e-2, foreach=False, capturable=capturable
+            ps, weight_decay=1e-2, foreach=False, capturable=c
         ),
         "SGDP default": lambda ps: adampx.SGDP(
-            ps, lr=0.1, momentum=0.9, weight_decay=1e-2, capturable=capturable
+            ps, lr=0.1, momentum=0.9, weight_decay=1e-2, capturable=c
+        ),
+        "SGDP foreach": lambda ps: adampx.SGDP(
+            ps, lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=True, fused=False, capturable=c
         ),
         "SGDP per-tensor": lambda ps: adampx.SGDP(
-            ps, lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=False, capturable=capturable
+            ps, lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=False, capturable=c
         ),
     }
 
 
 def timing_candidates() -> dict[str, tuple[str, Factory]]:
     """name -> (family, constructor) for the timing table. Families: "adam", "sgd"."""
-    triton = triton_paths(capturable=False)
+    paths = adampx_paths(capturable=False)
     adam: dict[str, Factory] = {
-        **{k: v for k, v in triton.items() if k.startswith("AdamP")},
-        "AdamP default": lambda ps: adampx.AdamP(ps, weight_decay=1e-2),
-        "AdamP per-tensor": lambda ps: adampx.AdamP(ps, weight_decay=1e-2, foreach=False),
+        **{k: v for k, v in paths.items() if k.startswith("AdamP")},
         "AdamW foreach": lambda ps: torch.optim.AdamW(ps, weight_decay=1e-2, foreach=True),
         "AdamW fused": lambda ps: torch.optim.AdamW(ps, weight_decay=1e-2, fused=True),
     }
     sgd: dict[str, Factory] = {
-        **{k: v for k, v in triton.items() if k.startswith("SGDP")},
-        "SGDP default": lambda ps: adampx.SGDP(ps, lr=0.1, momentum=0.9),
-        "SGDP per-tensor": lambda ps: adampx.SGDP(ps, lr=0.1, momentum=0.9, foreach=False),
-        "SGD foreach": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True),
-        "SGD fused": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+        **{k: v for k, v in paths.items() if k.startswith("SGDP")},
+        "SGD foreach": lambda ps: torch.optim.SGD(
+            ps, lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=True
+        ),
+        "SGD fused": lambda ps: torch.optim.SGD(
+            ps, lr=0.1, momentum=0.9, weight_decay=1e-2, fused=True
+        ),
     }
     if reference is not None:
         ref = reference
         adam["reference AdamP"] = lambda ps: ref.AdamP(ps, weight_decay=1e-2)
-        sgd["reference SGDP"] = lambda ps: ref.SGDP(ps, lr=0.1, momentum=0.9)
+        sgd["reference SGDP"] = lambda ps: ref.SGDP(ps, lr=0.1, momentum=0.9, weight_decay=1e-2)
     return {
         **{name: ("adam", make) for name, make in adam.items()},
         **{name: ("sgd", make) for name, make in sgd.items()},
@@ -355,14 +349,6 @@ def check_parity(device: torch.device, steps: int = 5) -> list[CheckResult]:
                 (f"{name} float64 vs reference", (ours, F64, False), (ref, F64, False), 1e-10)
             )
         base32: Run = (ours, F32, False)
-        if TRITON:
-            triton_run = forced(adampx.AdamP if name == "AdamP" else adampx.SGDP, "triton")
-            kwargs = parity_kwargs()[name]
-            comparisons.append(
-                (f"{name} triton vs per-tensor, float64",
-                 (lambda ps, c=triton_run, k=kwargs: c(ps, **k), F64, False),
-                 (per_tensor, F64, False), 1e-10)
-            )  # fmt: skip
         comparisons += [
             (f"{name} default vs per-tensor, float64", (ours, F64, False), (per_tensor, F64, False),
              1e-10),
@@ -446,7 +432,56 @@ def check_sync_free(device: torch.device, steps: int = 3) -> list[CheckResult]:
             result = CheckResult("sync-free", label, False, short(exc))
         print(f"  {label:<20}{'PASS' if result.ok else 'FAIL'}  {result.detail}")
         results.append(result)
+    for label in ("AdamP default", "SGDP default"):
+        result = check_grad_scaler(label, adampx_paths(capturable=False)[label], device, steps)
+        print(f"  {result.path:<20}{'PASS' if result.ok else 'FAIL'}  {result.detail}")
+        results.append(result)
     return results
+
+
+def check_grad_scaler(label: str, make: Factory, device: torch.device, steps: int) -> CheckResult:
+    """``steps`` GradScaler steps under the sync debug mode after a warm-up step, the last
+    one with an inf gradient: no sync, and that step leaves the params as they were."""
+    path = f"{label} + GradScaler"
+    try:
+        params = make_params(CHECK_SHAPES, device, seed=0)
+        grads = make_grads(params, steps + 1, seed=1)
+        opt = make(params)
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10)
+        if not opt._step_supports_amp_scaling:
+            return CheckResult("sync-free", path, False, "the scaler's flag is read on the host")
+
+        def scaled_step(step_grads: Sequence[Tensor], poison: bool) -> None:
+            opt.zero_grad()
+            loss = sum((p * g).sum() for p, g in zip(params, step_grads, strict=True))
+            scaler.scale(loss).backward()  # type: ignore[arg-type]
+            if poison:
+                params[0].grad[0].fill_(float("inf"))
+            scaler.step(opt)
+            scaler.update()
+
+        scaled_step(grads[0], poison=False)  # creates the state
+        torch.cuda.synchronize(device)
+        before: list[Tensor] = []
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for k, step_grads in enumerate(grads[1:]):
+                poison = k == len(grads) - 2  # the last step
+                if poison:
+                    before = [p.detach().clone() for p in params]
+                scaled_step(step_grads, poison)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize(device)
+        kept = all(torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
+        finite = all(bool(torch.isfinite(p).all()) for p in params)
+        ok = kept and finite
+        detail = f"{steps} steps, no sync, the inf step skipped"
+        if not ok:
+            detail = "the inf step changed the params" if not kept else "params are not finite"
+        return CheckResult("sync-free", path, ok, detail)
+    except Exception as exc:
+        return CheckResult("sync-free", path, False, short(exc))
 
 
 # ---------------------------------------------------------------------------- 2. capture
@@ -572,12 +607,22 @@ def time_set(name: str, rounds: int, device: torch.device) -> dict[str, float]:
         )
     if reference is None:
         print("  (reference AdamP / SGDP skipped: the package adamp is not installed)")
-    for ours, fused in (("AdamP default", "AdamW fused"), ("AdamP triton", "AdamW fused"),
-                        ("SGDP triton", "SGD fused")):  # fmt: skip
-        if ours in medians:
-            ratio = medians[ours] / medians[fused]
-            verdict = "PASS" if ratio <= TARGET_RATIO else "MISS"
-            print(f"  target {ours} <= {TARGET_RATIO}x {fused}: {ratio:.2f}x  {verdict}")
+    params_mib = sum(math.prod(s) for s in shapes) * 4 / 2**20
+    for ours, fused, ref in (("AdamP default", "AdamW fused", "reference AdamP"),
+                             ("AdamP nesterov", "AdamW fused", None),
+                             ("SGDP default", "SGD fused", "reference SGDP")):  # fmt: skip
+        ratio = medians[ours] / medians[fused]
+        verdict = "PASS" if ratio <= TARGET_RATIO else "MISS"
+        print(f"  target {ours} <= {TARGET_RATIO}x {fused}: {ratio:.2f}x  {verdict}")
+        if ref is not None and ref in medians:
+            speedup = medians[ref] / medians[ours]
+            verdict = "PASS" if speedup >= REFERENCE_SPEEDUP else "MISS"
+            print(f"  target {ours} >= {REFERENCE_SPEEDUP}x faster than {ref}: "
+                  f"{speedup:.1f}x  {verdict}")  # fmt: skip
+        share = kept[ours] / params_mib
+        verdict = "PASS" if share < KEPT_SHARE else "MISS"
+        print(f"  target {ours} kept memory < {KEPT_SHARE:.0%} of the params: {share:.2%}  "
+              f"{verdict}")  # fmt: skip
     return medians
 
 
@@ -688,7 +733,8 @@ def header(device: torch.device) -> None:
         f"{date.today()}, {torch.cuda.get_device_name(device)} "
         f"(compute capability {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB), "
         f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"CUDA {torch.version.cuda}, adampx {adampx.__version__}, {ref}"
+        f"CUDA {torch.version.cuda}, adampx {adampx.__version__}, {ref}; "
+        f"the default path takes {default_backend()}"
     )
 
 

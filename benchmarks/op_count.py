@@ -1,19 +1,22 @@
-"""Operations per optimizer step: what sets the step time on a GPU, counted on any machine.
+"""Operations per optimizer step: what sets the eager math's step time on a GPU, counted on
+any machine.
 
     python benchmarks/op_count.py                  # all shape sets
     python benchmarks/op_count.py --sets resnet50
 
 On a GPU each operation is at least one kernel launch, a few microseconds of host time
 whatever its size, so a step of many small operations is launch-bound: AdamP's eager
-multi-tensor math on ResNet-50's shapes made about 2,200 per step. This script counts the
-operations one step dispatches (through a ``TorchDispatchMode``, views excluded, since they
-launch nothing) for each path that CUDA tensors can take, on CPU tensors of the real shapes:
+multi-tensor math on ResNet-50's shapes makes about 2,200 per step. CUDA's default, the
+``triton`` backend, launches five Triton kernels per group (six for AdamP) whatever the
+number of tensors; those launches do not pass through torch's dispatcher and are not
+counted here. This script counts the operations one step dispatches (through a
+``TorchDispatchMode``, views excluded, since they launch nothing) on CPU tensors of the real
+shapes:
 
-- ``AdamP flat`` / ``SGDP flat``: the ``flat`` backend, CUDA's default, forced here on the
-  CPU with ``adampx.backends.force`` (it computes as on CUDA);
-- ``AdamP eager`` / ``SGDP eager``: the ``foreach`` backend, the eager multi-tensor math (what
-  CUDA tensors take where the flat step does not apply: AdamP with nesterov, SGDP without
-  momentum, DTensors);
+- ``AdamP eager`` / ``SGDP eager``: the ``foreach`` backend, the eager multi-tensor math,
+  forced here with ``adampx.backends.force`` (what CUDA tensors take where the Triton
+  kernels do not: without Triton, with ``fused=False``, with ``caution=True``, for FSDP2's
+  sharded params);
 - torch's ``AdamW`` / ``SGD`` with ``foreach=True`` and ``fused=True``.
 
 A ``torch._foreach_*`` or fused operation counts once here but launches one kernel per
@@ -79,13 +82,9 @@ def forced(backend: str, make: Callable[[list[torch.Tensor]], Any]) -> Callable[
 
 
 CANDIDATES: dict[str, Callable[[list[torch.Tensor]], Any]] = {
-    "AdamP flat": forced("flat", lambda ps: adampx.AdamP(ps, weight_decay=1e-2)),
     "AdamP eager": forced("foreach", lambda ps: adampx.AdamP(ps, weight_decay=1e-2)),
     "AdamW foreach": lambda ps: torch.optim.AdamW(ps, weight_decay=1e-2, foreach=True),
     "AdamW fused": lambda ps: torch.optim.AdamW(ps, weight_decay=1e-2, fused=True),
-    "SGDP flat": forced(
-        "flat", lambda ps: adampx.SGDP(ps, lr=0.1, momentum=0.9, weight_decay=1e-2)
-    ),
     "SGDP eager": forced(
         "foreach", lambda ps: adampx.SGDP(ps, lr=0.1, momentum=0.9, weight_decay=1e-2)
     ),

@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import adampx
-from adampx.backends import flat
 from adampx.backends.cpu import large, small
 
 # The tests use tiny tensors, where threads only cost: on a shared 2-core machine two torch
@@ -38,8 +37,7 @@ BACKEND_RUNS = ["default", *_MATRIX, "cpu-per-tensor", "cpu-chunks"]
 
 @contextlib.contextmanager
 def backend_run(name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every step inside takes the backend run ``name`` (see :data:`BACKEND_RUNS`); the
-    ``flat`` backend in buckets of about 100 elements, so that a model spans several."""
+    """Every step inside takes the backend run ``name`` (see :data:`BACKEND_RUNS`)."""
     if name == "default":
         yield
         return
@@ -50,8 +48,6 @@ def backend_run(name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     elif name == "cpu-chunks":
         monkeypatch.setattr(small, "CHUNK_ELEMENTS", 100)
         name = "cpu"
-    elif name == "flat":
-        monkeypatch.setattr(flat, "BUCKET_ELEMENTS", 100)
     with adampx.backends.force(name):
         yield
 
@@ -70,8 +66,8 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 def refuses(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the backend forced here refuses the options of ``optimizer``'s first group:
     only the eager math (``eager``, ``foreach``) and the C kernel (``cpu-kernel``) run the
-    cautious mask; torch's fused kernels, which the ``cpu`` and ``flat`` backends run on,
-    have no Nesterov Adam and no SGD without a momentum buffer."""
+    cautious mask; torch's fused kernels, which the ``cpu`` backend runs on, have no
+    Nesterov Adam and no SGD without a momentum buffer."""
     forced = adampx.backends.forced()
     if forced is None or forced.NAME in ("eager", "foreach", "cpu-kernel"):
         return False
@@ -80,7 +76,7 @@ def refuses(optimizer: torch.optim.Optimizer) -> bool:
     group = optimizer.param_groups[0]
     if group["caution"]:
         return True
-    if forced.NAME not in ("cpu", "flat"):
+    if forced.NAME != "cpu":
         return False
     if isinstance(optimizer, adampx.AdamP):
         return bool(group["nesterov"])

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 import adampx
 from adampx import SGDP, AdamP, backends
-from adampx.backends import cpu_kernel, flat, plan
+from adampx.backends import cpu_kernel, plan
 from adampx.backends.cpu import large, small
 from adampx.backends.cpu_kernel import abi
 
@@ -45,8 +45,8 @@ CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
 
 def refused(name: str, cls: type, hyper: dict[str, Any]) -> bool:
     """Whether backend ``name`` must refuse these options: torch's fused kernels, which
-    ``cpu`` and ``flat`` run on, have no Nesterov Adam and no SGD without momentum."""
-    if name not in ("cpu", "flat"):
+    ``cpu`` runs on, have no Nesterov Adam and no SGD without momentum."""
+    if name != "cpu":
         return False
     return bool(hyper.get("nesterov")) if cls is AdamP else hyper.get("momentum", 0) == 0
 
@@ -129,13 +129,11 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
 
 @pytest.fixture
 def tiny_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sizes small enough that the test model takes every route of the ``cpu`` and ``flat``
-    backends: the wide weight (8192 elements) on its own in row blocks, the others in
-    chunks; several flat buckets."""
+    """Sizes small enough that the test model takes every route of the ``cpu`` backend: the
+    wide weight (8192 elements) on its own in row blocks, the others in chunks."""
     monkeypatch.setattr(small, "SMALL_ELEMENTS", 1000)
     monkeypatch.setattr(small, "CHUNK_ELEMENTS", 300)
     monkeypatch.setattr(large, "BLOCK_ELEMENTS", 1000)
-    monkeypatch.setattr(flat, "BUCKET_ELEMENTS", 300)
 
 
 # --------------------------------------------------------------- every backend, every other
@@ -189,8 +187,8 @@ def test_backend_lands_where_the_eager_math_lands(
 def test_available_lists_the_backends_that_run_here() -> None:
     names = backends.available()
     assert names == [n for n in backends.NAMES if n in names]  # in NAMES order
-    assert {"eager", "foreach", "cpu", "flat"} <= set(names)
-    assert set(backends.NAMES) == {"eager", "foreach", "cpu", "cpu-kernel", "flat", "triton"}
+    assert {"eager", "foreach", "cpu"} <= set(names)
+    assert set(backends.NAMES) == {"eager", "foreach", "cpu", "cpu-kernel", "triton"}
 
 
 def test_available_builds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -366,13 +364,12 @@ def test_forced_backend_refuses_a_tensor_it_cannot_take() -> None:
 
 def test_forced_backend_refuses_options_it_does_not_run() -> None:
     model, _ = _net()
-    for name in ("cpu", "flat"):
-        opt = SGDP(model.parameters(), lr=0.1)  # no momentum: no fused SGD without a buffer
-        with backends.force(name), pytest.raises(ValueError, match="SGDP with momentum=0"):
-            _step(model, opt)
-        opt = AdamP(model.parameters(), lr=0.1, nesterov=True)
-        with backends.force(name), pytest.raises(ValueError, match="AdamP with nesterov"):
-            _step(model, opt)
+    opt = SGDP(model.parameters(), lr=0.1)  # no momentum: no fused SGD without a buffer
+    with backends.force("cpu"), pytest.raises(ValueError, match="SGDP with momentum=0"):
+        _step(model, opt)
+    opt = AdamP(model.parameters(), lr=0.1, nesterov=True)
+    with backends.force("cpu"), pytest.raises(ValueError, match="AdamP with nesterov"):
+        _step(model, opt)
 
 
 def test_compiling_takes_the_eager_math(monkeypatch: pytest.MonkeyPatch) -> None:

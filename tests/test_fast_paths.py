@@ -29,6 +29,7 @@ import math
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
@@ -44,15 +45,15 @@ import test_statistics as stats_model
 from adampx import SGDP, AdamP
 from adampx.algorithm.projection import RowStatistics, decide, row_statistics
 from adampx.algorithm.spec import Step
-from adampx.backends import cpu, cpu_kernel, eager, flat, foreach, plan
+from adampx.backends import cpu, cpu_kernel, eager, foreach, plan, triton
 from adampx.backends.cpu import large, small
-from adampx.util.tensors import Batch
+from adampx.util.tensors import Batch, step_tensor
 from adampx.util.workspace import Workspace
 from norm_mlp import make_model as make_norm_mlp
 from test_dtypes_shapes import leaf, make_grad
-from test_flat_step import OPTIMIZERS as OPTIMIZERS_FLAT
-from test_flat_step import Ops, model_params
 from test_parity_reference import MODELS, check_fired, check_parity, spy
+from test_segments import OPTIMIZERS as OPTIMIZERS_SMALL
+from test_segments import Ops, model_params
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 STEPS = 6
@@ -129,7 +130,7 @@ class PathSpy:
     :func:`adampx.backends.plan.run` calls through the module) is wrapped to record the
     ``params`` of every batch it is given."""
 
-    BACKENDS = (eager, foreach, cpu, cpu_kernel, flat)
+    BACKENDS = (eager, foreach, cpu, cpu_kernel, triton)
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.seen: dict[str, list[Tensor]] = {b.NAME: [] for b in self.BACKENDS}
@@ -569,7 +570,7 @@ def test_small_tensors_cost_a_few_operations_each(
         monkeypatch.setattr(small, "SMALL_ELEMENTS", small_elements)
         counts = []
         for count in (10, 40):
-            opt = OPTIMIZERS_FLAT[name](model_params(count))
+            opt = OPTIMIZERS_SMALL[name](model_params(count))
             opt.step()
             with Ops() as ops:
                 opt.step()
@@ -1020,11 +1021,10 @@ def test_which_path_runs_on_cpu(cls: type, hyper: dict, impl: str, path_spy: Pat
 @pytest.mark.parametrize("kept", [True, False], ids=["workspace", "no-workspace"])
 @pytest.mark.parametrize("foreach_flag", [None, False, True], ids=str)
 def test_route_of_cpu_tensors(foreach_flag: bool | None, kept: bool, fused: bool | None) -> None:
-    """:func:`adampx.backends.plan.route` directly: the chain (``cpu``, then ``flat`` only
-    with a workspace and without ``foreach=False``; ``cpu-kernel`` for ``fused=True``) takes
-    the plain tensors; a transposed one and an empty one fall to the eager math. Options
-    that torch's fused kernels lack go to ``cpu-kernel`` unless ``fused=False``, which sends
-    every tensor to the eager math."""
+    """:func:`adampx.backends.plan.route` directly: the chain of CPU tensors (``cpu``;
+    ``cpu-kernel`` for ``fused=True``) takes the plain tensors; a transposed one and an empty
+    one fall to the eager math. Options that torch's fused kernels lack go to ``cpu-kernel``
+    unless ``fused=False``, which sends every tensor to the eager math."""
     params = [*_float32_params(), _random((5, 7), 3, torch.float32).t(), torch.zeros(0, 3)]
     batch = Batch(
         params, params, [torch.zeros_like(p) for p in params],
@@ -1043,10 +1043,9 @@ def test_route_of_cpu_tensors(foreach_flag: bool | None, kept: bool, fused: bool
         foreach_flag=foreach_flag,
         fused=fused,
         workspace=workspace,
+        tensors=params,
     )
-    expected_chain = ["cpu-kernel"] if fused else ["cpu", "flat"]
-    if not fused and (foreach_flag is False or not kept):
-        expected_chain = ["cpu"]
+    expected_chain = ["cpu-kernel"] if fused else ["cpu"]
     assert ([b.NAME for b in chain], imposed) == (expected_chain, False)
     taken = [(fast, [0, 1, 2]), (math_name, [3, 4])]
     # torch's fused kernels have no Nesterov Adam: the C kernel takes the tensors instead,
@@ -1064,6 +1063,134 @@ def test_route_of_cpu_tensors(foreach_flag: bool | None, kept: bool, fused: bool
         assert [(b.NAME, indices) for b, indices in routes] == expected, nesterov
 
 
+class _OnCuda(Tensor):
+    """A CPU tensor that says it is on CUDA: how the routing sees a CUDA tensor's compute
+    view (the chain and the backends' ``takes`` ask ``is_cpu`` / ``is_cuda``)."""
+
+    @property
+    def is_cpu(self) -> bool:  # type: ignore[override]
+        return False
+
+    @property
+    def is_cuda(self) -> bool:  # type: ignore[override]
+        return True
+
+
+def _cpu_and_cuda_batch(name: str) -> tuple[Step, Batch]:
+    """AdamP's or SGDP's step, and a batch of two plain float64 tensors: one on the CPU,
+    one that says it is on CUDA (:class:`_OnCuda`)."""
+    common: dict[str, Any] = dict(lr=0.1, eps=1e-8, weight_decay=1e-2, delta=0.1, wd_ratio=0.1)
+    common |= dict(maximize=False, projection=True)
+    if name == "adamp":
+        step = Step(optimizer="adamp", beta1=0.9, beta2=0.999, nesterov=False, **common)
+    else:
+        step = Step(optimizer="sgdp", momentum=0.9, dampening=0.0, nesterov=False, **common)
+    params = [nn.Parameter(torch.randn(4, 3, dtype=torch.float64)) for _ in range(2)]
+    ps = [params[0].detach(), params[1].detach().as_subclass(_OnCuda)]
+    assert ps[0].is_cpu and not ps[1].is_cpu and ps[1].is_cuda
+    gs = [torch.randn(4, 3, dtype=torch.float64) for _ in params]
+    count = 2 if name == "adamp" else 1
+    states = [[torch.zeros(4, 3, dtype=torch.float64) for _ in params] for _ in range(count)]
+    steps = [step_tensor(p) for p in params] if name == "adamp" else []
+    return step, Batch(params, ps, gs, states, steps)
+
+
+@pytest.mark.parametrize("name", ["adamp", "sgdp"])
+@pytest.mark.parametrize(
+    ("foreach_flag", "fused", "kept", "takes_triton"),
+    [
+        (None, None, True, True),
+        (True, None, True, True),
+        (False, None, True, False),
+        (None, False, True, False),
+        (None, None, False, False),
+    ],
+    ids=["default", "foreach", "no-foreach", "not-fused", "no-workspace"],
+)
+def test_route_of_cuda_tensors(
+    name: str,
+    foreach_flag: bool | None,
+    fused: bool | None,
+    kept: bool,
+    takes_triton: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where Triton runs, CUDA tensors take ``triton``; ``foreach=False``, ``fused=False``
+    and functional calls without a workspace keep the eager math. CPU tensors take ``cpu``
+    either way."""
+    monkeypatch.setattr(triton, "INSTALLED", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    step, batch = _cpu_and_cuda_batch(name)
+    workspace = Workspace() if kept else None
+    options: dict[str, Any] = dict(foreach_flag=foreach_flag, fused=fused, workspace=workspace)
+    chain, imposed = plan.chain(step, tensors=batch.ps, **options)
+    assert not imposed
+    assert [b.NAME for b in chain] == (["cpu", "triton"] if takes_triton else ["cpu"])
+    routes = plan.route(step, batch, **options)
+    eager_math = plan.eager_math(foreach_flag, batch.params).NAME
+    assert eager_math in ("eager", "foreach")
+    chosen = {backend.NAME: indices for backend, indices in routes}
+    assert chosen == {"cpu": [0], ("triton" if takes_triton else eager_math): [1]}
+
+
+@pytest.mark.parametrize(
+    ("installed", "on_cuda", "group", "expected"),
+    [
+        (True, True, {}, True),
+        (True, True, {"foreach": False}, False),
+        (True, True, {"fused": False}, False),
+        (True, False, {}, False),
+        (False, True, {}, False),
+    ],
+    ids=["default", "no-foreach", "not-fused", "cpu", "no-triton"],
+)
+def test_grad_scaler_is_handed_to_the_step_where_triton_steps(
+    installed: bool,
+    on_cuda: bool,
+    group: dict[str, Any],
+    expected: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``_step_supports_amp_scaling`` (torch's protocol for fused optimizers) is True where
+    a group's CUDA tensors take ``triton`` by default, and under ``force("triton")``; else
+    False, so that GradScaler unscales and skips as for any optimizer."""
+    monkeypatch.setattr(triton, "INSTALLED", installed)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: installed or on_cuda)
+    weight = nn.Parameter(torch.randn(4, 3))
+    params = [weight.detach().as_subclass(_OnCuda)] if on_cuda else [weight]
+    opt = AdamP([{"params": [weight], **group}], lr=1e-2)
+    opt.param_groups[0]["params"] = params  # as the routing sees a CUDA param
+    assert opt._step_supports_amp_scaling is expected
+    with adampx.backends.force("eager"):
+        assert opt._step_supports_amp_scaling is False
+
+
+@pytest.mark.parametrize("name", ["adamp", "sgdp"])
+def test_without_triton_cuda_tensors_take_the_eager_math_with_one_warning(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without Triton, CUDA tensors take the multi-tensor eager math, and the process is
+    warned once (not at every step); CPU tensors still take ``cpu``."""
+    monkeypatch.setattr(triton, "INSTALLED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    step, batch = _cpu_and_cuda_batch(name)
+    plan._warn_no_triton.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                routes = plan.route(
+                    step, batch, foreach_flag=None, fused=None, workspace=Workspace()
+                )
+                chosen = {backend.NAME: indices for backend, indices in routes}
+                eager_math = plan.eager_math(None, batch.params).NAME
+                assert chosen == {"cpu": [0], eager_math: [1]}
+    finally:
+        plan._warn_no_triton.cache_clear()
+    assert [type(w.message) for w in caught] == [RuntimeWarning], [str(w) for w in caught]
+    assert "Triton is not installed" in str(caught[0].message)
+
+
 def test_forced_backend_takes_every_tensor_or_refuses(path_spy: PathSpy) -> None:
     """Inside ``adampx.backends.force(name)`` every tensor takes backend ``name`` (the chain
     is that backend alone, imposed); a tensor it cannot take, or options it does not run,
@@ -1072,7 +1199,7 @@ def test_forced_backend_takes_every_tensor_or_refuses(path_spy: PathSpy) -> None
         optimizer="adamp", lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
         delta=0.1, wd_ratio=0.1, nesterov=False, maximize=False, projection=True,
     )  # fmt: skip
-    for name in ("eager", "foreach", "cpu", "flat", "cpu-kernel"):
+    for name in ("eager", "foreach", "cpu", "cpu-kernel"):
         with adampx.backends.force(name):
             chain, imposed = plan.chain(step, foreach_flag=None, fused=False, workspace=None)
             assert ([b.NAME for b in chain], imposed) == ([name], True)

@@ -20,12 +20,13 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import adamp as ref
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import adampx
 from adampx import SGDP, AdamP, backends
@@ -311,18 +312,45 @@ def test_tensors_it_cannot_take_are_refused_when_forced() -> None:
 # ------------------------------------------------------------------ launches, host data
 
 
+class HostData(TorchDispatchMode):
+    """Records the operations that make a tensor from host data (``torch.tensor``) or read
+    one on the host. (Not ``copy_``: the interpreter writes the kernels' outputs back with
+    it; on a GPU the kernels write in place.)"""
+
+    NAMES: ClassVar[set[str]] = {"lift_fresh", "_local_scalar_dense", "item", "is_nonzero"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if name in self.NAMES:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def count_builds(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Calls of the backend's layout and address-table builders."""
+    built = {"_layout": 0, "_addresses": 0}
+    for name in built:
+        real = getattr(triton_backend, name)
+
+        def counted(*args: Any, name: str = name, real: Any = real) -> Any:
+            built[name] += 1
+            return real(*args)
+
+        monkeypatch.setattr(triton_backend, name, counted)
+    return built
+
+
 def test_launches_do_not_grow_with_the_number_of_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     """Five kernel launches per step and group (AdamP adds one multi-tensor increment of
-    its step counters), for 10 tensors as for 30; after the first step the address tables
-    come from the workspace (no tensor is built from host data)."""
+    its step counters), for 10 tensors as for 30; after the first step the layout and the
+    address table come from the workspace: no tensor is made from host data, and nothing
+    is read on the host."""
     launches = LaunchSpy(monkeypatch)
-    built: list[int] = []
-    tables = triton_backend._tables
-    monkeypatch.setattr(
-        triton_backend,
-        "_tables",
-        lambda *a: built.append(1) or tables(*a),  # type: ignore[func-returns-value]
-    )
+    built = count_builds(monkeypatch)
     for copies in (1, 3):
         params = [p for _ in range(copies) for p in make_params()]
         opt = AdamP(params, lr=1e-2, weight_decay=0.1, delta=DELTA)
@@ -331,11 +359,127 @@ def test_launches_do_not_grow_with_the_number_of_tensors(monkeypatch: pytest.Mon
             p.grad = g
         for step in range(3):
             launches.launches.clear()
-            built.clear()
-            with backends.force("triton"):
+            built.update(_layout=0, _addresses=0)
+            with backends.force("triton"), HostData() as host:
                 opt.step()
             assert sorted(launches.launches) == sorted(LaunchSpy.NAMES), launches.launches
-            assert built == ([1] if step == 0 else []), (copies, step)
+            first = int(step == 0)
+            assert built == {"_layout": first, "_addresses": first}, (copies, step)
+            # the first step builds its tables from host data; the others read nothing
+            assert ("lift_fresh" in host.seen) == (step == 0), (step, host.seen)
+            assert step == 0 or host.seen == [], host.seen
+
+
+def test_new_gradients_rebuild_only_the_address_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradients allocated afresh (``zero_grad()`` sets them to None; backward allocates
+    new ones, maybe elsewhere): the address table is rebuilt, the layout is kept, and the
+    step is the eager math's; a changed ``delta`` rebuilds the layout (its thresholds)."""
+    built = count_builds(monkeypatch)
+    params, expected = make_params(), make_params()
+    opt = make_opt(AdamP, CONFIGS["adamp"][1], params)
+    reference = make_opt(AdamP, CONFIGS["adamp"][1], expected)
+    kept = []
+    for k in range(3):
+        for p, q, g in zip(params, expected, gradients(params, k), strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        kept.append([p.grad for p in params])  # alive: the next ones are elsewhere
+        with backends.force("triton"):
+            opt.step()
+        with backends.force("eager"):
+            reference.step()
+    assert built == {"_layout": 1, "_addresses": 3}
+    assert_close(params, expected, **F64)
+    opt.param_groups[0]["delta"] = DELTA / 2
+    with backends.force("triton"):
+        opt.step()
+    assert built == {"_layout": 2, "_addresses": 3}
+
+
+# ----------------------------------------------------------------------- GradScaler
+
+
+def scaled_loss(params: list[Tensor], k: int) -> Tensor:
+    """A loss whose gradient is ``gradients(params, k)`` (each param's outcome kept)."""
+    targets = gradients([p.detach() for p in params], k)
+    return sum((p * g).sum() for p, g in zip(params, targets, strict=True))  # type: ignore[return-value]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the inf step
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", ["adamp", "sgdp-nesterov"])
+def test_grad_scaler_is_taken_in_the_kernels(config: str, dtype: torch.dtype) -> None:
+    """``torch.amp.GradScaler`` hands the kernels its scale and inf flag (torch's protocol
+    for fused optimizers): the steps equal the eager math's on unscaled gradients, the
+    gradients are left unscaled, nothing is read on the host; a step with an inf gradient
+    changes no param, state or step counter, and leaves its gradients as they were."""
+    cls, hyper = CONFIGS[config]
+    params, expected = make_params(dtype), make_params(dtype)
+    opt = make_opt(cls, hyper, params)
+    reference = make_opt(cls, hyper, expected)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for k in range(3):
+        opt.zero_grad()
+        scaler.scale(scaled_loss(params, k)).backward()
+        unscaled = gradients([p.detach() for p in params], k)
+        with backends.force("triton"):
+            assert opt._step_supports_amp_scaling
+            with HostData() as host:
+                scaler.step(opt)
+        assert "_local_scalar_dense" not in host.seen and "item" not in host.seen
+        scaler.update()
+        reference.zero_grad()
+        scaled_loss(expected, k).backward()
+        with backends.force("eager"):
+            reference.step()
+        for p, g in zip(params, unscaled, strict=True):
+            assert torch.equal(p.grad, g.to(p.dtype))  # unscaled in place (by 2^10: exact)
+    if dtype == torch.float64:
+        assert_close(params, expected, **F64)
+    else:
+        for name, a, b in zip(SHAPES, params, expected, strict=True):
+            ulp = torch.finfo(dtype).eps * b.detach().float().abs().clamp_min(1e-3)
+            assert ((a.float() - b.float()).abs() <= ulp).all(), name
+    assert scaler.get_scale() == 2.0**10
+
+    before = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    opt.zero_grad()
+    scaler.scale(scaled_loss(params, 3)).backward()
+    params[2].grad[0, 0] = float("inf")
+    grads = [p.grad.clone() for p in params]
+    with backends.force("triton"):
+        scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9
+    for p, b, g in zip(params, before, grads, strict=True):
+        assert torch.equal(p.detach(), b) and torch.equal(p.grad, g)
+    for key, values in state.items():
+        for name, value in values.items():
+            assert torch.equal(opt.state_dict()["state"][key][name], value), (key, name)
+
+
+@pytest.mark.parametrize("found", [0.0, 1.0])
+def test_other_backends_unscale_or_skip_a_scaler_step(found: float) -> None:
+    """The eager math given a scale and an inf flag (as the optimizer is when a GradScaler
+    hands them over): one read of the flag, then the step on unscaled gradients, or none."""
+    cls, hyper = CONFIGS["adamp"]
+    params, expected = make_params(), make_params()
+    opt = make_opt(cls, hyper, params)
+    reference = make_opt(cls, hyper, expected)
+    for p, q, g in zip(params, expected, gradients(params, 0), strict=True):
+        p.grad, q.grad = 8 * g, g.clone()
+    before = [p.detach().clone() for p in params]
+    opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(found)  # type: ignore[attr-defined]
+    with backends.force("eager"):
+        assert not opt._step_supports_amp_scaling
+        opt.step()
+        reference.step()
+    if found:
+        assert all(torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
+        assert all(float(s["step"]) == 0 for s in opt.state.values())
+    else:
+        assert_close(params, expected, **F64)
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(params, expected, strict=True))
 
 
 # ----------------------------------------------------------- compiled for a GPU, no GPU
@@ -363,7 +507,7 @@ COMPILE_ALL = textwrap.dedent(
             return "*i32"
         if name in LONGS:
             return "*i64"
-        if name == "lr_ptr":
+        if name in ("lr_ptr", "grad_scale_ptr", "found_inf_ptr"):
             return "*fp32"
         if name == "decay_ptr":
             return "*fp64"
@@ -375,7 +519,7 @@ COMPILE_ALL = textwrap.dedent(
         for name in ("row_sums_kernel", "test_kernel", "dots_kernel", "layer_dots_kernel",
                      "update_kernel"):
             kernel = getattr(kernels, name)
-            flags = [f for f in ("ADAM", "NESTEROV", "LR_TENSOR") if f in kernel.arg_names]
+            flags = [f for f in ("ADAM", "NESTEROV", "LR_TENSOR", "AMP") if f in kernel.arg_names]
             for fp in (False, True):
                 for values in itertools.product((False, True), repeat=len(flags)):
                     constants = dict(BLOCK=1024, FP64=fp, **dict(zip(flags, values)))
@@ -402,4 +546,57 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path: Any) -> None:
         [sys.executable, "-c", COMPILE_ALL], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert int(done.stdout.split()[-1]) == 2 * (2 + 2 + 8 + 2 + 16)
+    assert int(done.stdout.split()[-1]) == 2 * (4 + 2 + 16 + 2 + 32)
+
+
+# ------------------------------------------------------------------------ torch.compile
+
+
+def test_the_custom_op_passes_opcheck() -> None:
+    """``torch.ops.adampx.triton_step``: schema, fake implementation and in-place writes as
+    torch's ``opcheck`` checks them (on CPU tensors, in the interpreter)."""
+    from adampx.backends.triton import Scalars, op
+
+    params = make_params()
+    grads = gradients(params, 0)
+    ps = [p.detach().clone() for p in params]
+    first = [torch.zeros_like(p) for p in ps]
+    second = [torch.zeros_like(p) for p in ps]
+    steps = [torch.ones((), dtype=torch.float32) for _ in ps]
+    tested = [k for k, p in enumerate(ps) if p.dim() > 1]
+    scalars = Scalars(
+        lr=1e-2, decay=1e-3, beta1=0.9, beta2=0.999, c1=0.1, eps=1e-8, wd_ratio=0.1,
+        sign=1.0, delta=DELTA,
+    )  # fmt: skip
+    args = (ps, grads, first, second, steps, tested, list(scalars), [True, False])
+    torch.library.opcheck(op.triton_step, (*args, None, None, None, None))
+
+
+@pytest.mark.parametrize("config", ["adamp", "sgdp-nesterov"])
+def test_a_compiled_step_calls_the_kernels_through_the_custom_op(
+    config: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``torch.compile(opt.step, fullgraph=True)`` where the traced chain takes ``triton``
+    (on CUDA by default; here made to, on CPU tensors in the interpreter): the compiled
+    step launches the kernels through the custom op, with no graph break, and three steps
+    equal the eager math's."""
+    from adampx.backends import plan
+
+    monkeypatch.setattr(plan, "_traced_chain", lambda *args: ([triton_backend], True))
+    launches = []
+    launch = triton_backend.launch
+    monkeypatch.setattr(triton_backend, "launch", lambda *a: launches.append(1) or launch(*a))  # type: ignore[func-returns-value]
+    cls, hyper = CONFIGS[config]
+    params, expected = make_params(), make_params()
+    opt = make_opt(cls, hyper, params)
+    reference = make_opt(cls, hyper, expected)
+    compiled = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    for k in range(3):
+        for p, q, g in zip(params, expected, gradients(params, k), strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        compiled()
+        with backends.force("eager"):
+            reference.step()
+    assert len(launches) == 3
+    assert_close(params, expected, **F64)

@@ -155,6 +155,7 @@ class AdamP(ProjectedOptimizer):
             projection=group["projection"],
             decisions=decisions,
             workspace=self._workspace,
+            **self._grad_scaler(),
         )
 
 
@@ -180,6 +181,8 @@ def adamp(
     caution: bool = False,
     decisions: Decisions | None = None,
     workspace: Workspace | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Functional AdamP step, in place on ``params`` and the state lists (see module doc).
 
@@ -190,16 +193,22 @@ def adamp(
     Args:
         state_steps: 0-d float32 step counters on the params' devices (incremented here).
         foreach: multi-tensor (True) or per-tensor (False) eager math; None chooses.
-        fused: True runs the compiled CPU kernel (the ``cpu-kernel`` backend).
+        fused: True runs the compiled CPU kernel (the ``cpu-kernel`` backend); False
+            never runs the C or Triton kernels; None lets the routing choose.
         decisions: if given, receives the scale-invariance decision of every tested param.
         workspace: scratch buffers kept between calls (the optimizer passes its own);
             without, the backends allocate theirs at every call (and CUDA tensors take the
-            eager math instead of the ``flat`` backend, which keeps its index tensors there).
+            eager math instead of the ``triton`` kernels, whose tables are kept there).
+        grad_scale: a ``torch.amp.GradScaler``'s scale: the gradients are divided by it
+            (in place) before the step.
+        found_inf: the GradScaler's inf flag: where it is not 0 nothing changes (no
+            host sync in the ``triton`` kernels; one elsewhere).
     """
     step = Step(
         optimizer="adamp", lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         delta=delta, wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize,
         projection=projection, caution=caution, decisions=decisions,
+        grad_scale=grad_scale, found_inf=found_inf,
     )  # fmt: skip
     plan.run(
         step, params, grads, [exp_avgs, exp_avg_sqs], state_steps,

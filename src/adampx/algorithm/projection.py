@@ -270,19 +270,6 @@ class Outcome(NamedTuple):
         multiplier as a 0-d tensor of ``u``'s dtype, and the :class:`Decision`."""
         return like_param(self.ratio(wd_ratio).to(u.dtype), p), self.decision(delta)
 
-    def part(self, rows: Rows, row_slice: slice, tensors: slice) -> Outcome:
-        """The outcome of the tensors ``tensors`` (rows ``row_slice``) of a multi-tensor test,
-        whose rows are ``rows``."""
-        return self._replace(
-            rows=rows,
-            channel=self.channel[tensors],
-            layer=self.layer[tensors],
-            max_cosine=self.max_cosine[tensors],
-            cosine_layer=self.cosine_layer[tensors],
-            p_norm=self.p_norm[row_slice],
-            p_whole=self.p_whole[tensors],
-        )
-
     def decision(self, delta: float, index: int | None = None) -> Decision:
         """The :class:`Decision` of one tensor (``index`` among many; None for one)."""
         pick = (lambda x: x) if index is None else (lambda x: x[index])

@@ -1,15 +1,14 @@
 """Many tensors' rows concatenated: the rows that :func:`adampx.algorithm.projection.test`
 sees when it tests many tensors at once.
 
-The multi-tensor steps (the flat step and the CPU backend's small tensors) gather the row
-sums ``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i`` of many tested tensors of one dtype into vectors that
-hold the rows of tensor 0, then those of tensor 1, and so on. :class:`Segments` describes
-that split and reduces each tensor's rows with segment reductions, so that the test costs a
-few dozen small operations per step instead of a few dozen per tensor.
+The CPU backend's small tensors (:mod:`adampx.backends.cpu.small`) gather the row sums
+``‖p_i‖``, ``‖g_i‖``, ``p_i·g_i`` of many tested tensors of one dtype into vectors that hold
+the rows of tensor 0, then those of tensor 1, and so on. :class:`Segments` describes that
+split and reduces each tensor's rows with ``torch.segment_reduce``, so that the test costs a
+few dozen small operations per chunk of tensors instead of a few dozen per tensor.
 
 Nothing here reads a value back to the host: the small index tensors that describe the
-segments are built once and kept in the optimizer's workspace on the device, so that a step
-is capturable in a CUDA graph.
+segments are built once and kept in the optimizer's workspace on the device.
 """
 
 from __future__ import annotations
@@ -23,22 +22,12 @@ from torch import Tensor
 from adampx.algorithm.projection import threshold
 from adampx.util.workspace import Workspace
 
-# a padded block at most this many times the rows (plus a constant), else segment_reduce
-PADDING_LIMIT = 8
-
 
 class Segments:
-    """How concatenated rows split into tensors: Python numbers and their device copies.
+    """How concatenated rows split into tensors: Python numbers and their device copies;
+    reductions over each tensor's rows in ``torch.segment_reduce``."""
 
-    Reductions run in ``torch.segment_reduce`` or, with ``padded`` (what a GPU wants: its
-    ``segment_reduce`` gives each segment one thread, which loops over tens of thousands of
-    rows), on the rows gathered into a padded ``[tensors, most rows]`` block (padding 0 for
-    sums, −inf for maxima), reduced along dim 1 in parallel and deterministically.
-    """
-
-    def __init__(
-        self, shapes: Sequence[tuple[int, ...]], device: torch.device, *, padded: bool
-    ) -> None:
+    def __init__(self, shapes: Sequence[tuple[int, ...]], device: torch.device) -> None:
         self.lengths = [s[0] for s in shapes]  # rows per tensor
         self.row_lengths = [math.prod(s) // s[0] for s in shapes]  # elements per row
         self.rows = sum(self.lengths)
@@ -49,21 +38,11 @@ class Segments:
             [math.sqrt(k * n) for k, n in zip(self.row_lengths, self.lengths, strict=True)],
         ]
         self.roots_t = torch.tensor(self.roots, dtype=torch.float64, device=device)
-        # a padded block that would dwarf the rows (one tensor with far more rows than the
-        # others, e.g. a large embedding) is not built: segment_reduce is slow there, not large
-        lengths = self.lengths
-        self.padded: Tensor | None = None
-        if padded and len(lengths) * max(lengths) <= PADDING_LIMIT * self.rows + (1 << 16):
-            self.padded = _padded_index(lengths, device)
 
     def _reduce(self, x: Tensor, how: str) -> Tensor:
         """Sum or max of each tensor's rows of ``x`` (the last dim runs over all rows)."""
-        if self.padded is None:
-            lengths = self.lengths_t.expand(*x.shape[:-1], -1)
-            return torch.segment_reduce(x, how, lengths=lengths, axis=x.dim() - 1, unsafe=True)
-        fill = x.new_full((*x.shape[:-1], 1), 0.0 if how == "sum" else -math.inf)
-        block = torch.cat((x, fill), -1)[..., self.padded]
-        return block.sum(-1) if how == "sum" else block.amax(-1)
+        lengths = self.lengths_t.expand(*x.shape[:-1], -1)
+        return torch.segment_reduce(x, how, lengths=lengths, axis=x.dim() - 1, unsafe=True)
 
     def max(self, x: Tensor) -> Tensor:
         return self._reduce(x, "max")
@@ -85,23 +64,10 @@ class Segments:
         return threshold(delta, self.roots[0][index]), threshold(delta, self.roots[1][index])  # type: ignore[return-value]
 
 
-def _padded_index(lengths: list[int], device: torch.device) -> Tensor:
-    """Per tensor the indices of its rows, padded with ``sum(lengths)`` to the longest."""
-    rows = sum(lengths)
-    index = torch.full((len(lengths), max(lengths)), rows, dtype=torch.int64)
-    start = 0
-    for t, n in enumerate(lengths):
-        index[t, :n] = torch.arange(start, start + n)
-        start += n
-    return index.to(device)
-
-
 def cached_segments(
     workspace: Workspace | None,
     shapes: Sequence[tuple[int, ...]],
     device: torch.device,
-    *,
-    padded: bool,
 ) -> Segments:
     """:class:`Segments`, kept in ``workspace`` (if any) under the shapes and device.
 
@@ -110,6 +76,6 @@ def cached_segments(
     the host copy. The workspace keeps the most recent few sets only.
     """
     if workspace is None:
-        return Segments(shapes, device, padded=padded)
-    key = ("segments", tuple(shapes), str(device), padded)
-    return workspace.constant(key, lambda: Segments(shapes, device, padded=padded))
+        return Segments(shapes, device)
+    key = ("segments", tuple(shapes), str(device))
+    return workspace.constant(key, lambda: Segments(shapes, device))

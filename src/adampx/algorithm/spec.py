@@ -35,7 +35,10 @@ class Step:
     decay amount ``a``, is computed from it when the step is made (a tensor where ``lr`` is
     one); ``decisions``, where given, receives the test's decision for every tested param.
     AdamP's ``beta1``/``beta2`` and SGDP's ``momentum``/``dampening`` are 0 for the other;
-    ``caution`` masks the update (:mod:`adampx.algorithm.caution`).
+    ``caution`` masks the update (:mod:`adampx.algorithm.caution`). ``grad_scale`` and
+    ``found_inf`` are a ``torch.amp.GradScaler``'s (as torch's fused optimizers take them):
+    the gradients are divided by ``grad_scale`` (in place) and nothing changes where
+    ``found_inf`` is not 0.
     """
 
     optimizer: str  # "adamp" or "sgdp"
@@ -53,6 +56,8 @@ class Step:
     momentum: float = 0.0
     dampening: float = 0.0
     decisions: Decisions | None = None
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
     decay: float | Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +68,11 @@ class Step:
         object.__setattr__(self, "decay", self.decay_amount(lr))
 
     # ------------------------------------------------------------ both optimizers
+
+    @property
+    def amp(self) -> bool:
+        """Whether a GradScaler's scale or inf flag comes with the step."""
+        return self.grad_scale is not None or self.found_inf is not None
 
     def decay_amount(self, lr: float | Tensor) -> float | Tensor:
         """``a = lr·λ`` (AdamP) or ``lr·λ/(1−μ)`` (SGDP: its decay is scaled by ``1/(1−μ)``).

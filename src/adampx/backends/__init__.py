@@ -19,11 +19,9 @@ Which backend steps which tensor is decided in one place, :mod:`adampx.backends.
 ``cpu``        the CPU default: torch's fused AdamW/SGD kernels plus the projection, small
                tensors in chunks, larger ones each finished in cache
 ``cpu-kernel`` ``fused=True``: one C kernel per group, built by the system compiler
-``flat``       CUDA's default: the tested tensors concatenated in flat buffers, the test
-               of all at once, torch's fused kernels (runs on CPU tensors when forced)
-``triton``     five Triton kernels per group on CUDA, the tensors reached in place (on CPU
-               tensors in Triton's interpreter with ``TRITON_INTERPRET=1``); for now only
-               through :func:`force`
+``triton``     CUDA's default where Triton is installed: five Triton kernels per group,
+               the tensors reached in place (on CPU tensors in Triton's interpreter with
+               ``TRITON_INTERPRET=1``)
 =============  ==========================================================================
 
 :func:`available` lists the backends that can run here; :func:`force` makes every step in
@@ -37,13 +35,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from types import ModuleType
 
-from adampx.backends import cpu, cpu_kernel, eager, flat, foreach, triton
+from adampx.backends import cpu, cpu_kernel, eager, foreach, triton
 
 __all__ = ["NAMES", "available", "force", "forced", "get"]
 
-_BACKENDS: dict[str, ModuleType] = {
-    m.NAME: m for m in (eager, foreach, cpu, cpu_kernel, flat, triton)
-}
+_BACKENDS: dict[str, ModuleType] = {m.NAME: m for m in (eager, foreach, cpu, cpu_kernel, triton)}
 
 NAMES: tuple[str, ...] = tuple(_BACKENDS)
 """The names of all the backends (:func:`available` lists those that can run here)."""
@@ -67,8 +63,8 @@ def available() -> list[str]:
     Nothing is built or run to find out: ``cpu-kernel`` is listed when a C compiler
     (``$CC``, else ``cc``) is on the path; a compiler that then fails to build raises
     :class:`~adampx.backends.cpu_kernel.KernelBuildError` at the first step that needs it.
-    ``flat`` runs wherever torch's fused optimizer kernels do (CPU and CUDA); the routing
-    picks it for CUDA tensors only.
+    ``triton`` is listed where Triton is importable and a CUDA device is present (or
+    Triton's interpreter is on, ``TRITON_INTERPRET=1``).
     """
     return [name for name, backend in _BACKENDS.items() if backend.runs_here()]
 

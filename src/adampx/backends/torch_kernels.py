@@ -1,6 +1,7 @@
-"""torch's own fused optimizer kernels, as the backends that build on them call them.
+"""torch's own fused optimizer kernels, as the ``cpu`` backend calls them.
 
-Not a backend: the ``cpu`` and ``flat`` backends share these steps.
+Not a backend: the steps that :mod:`adampx.backends.cpu` (its small and its large tested
+tensors) builds on.
 
 - Untested tensors (and every tensor where the test does not project) take AdamW's or SGD's
   step as it is: ``torch._fused_adamw_`` / ``torch._fused_sgd_``.

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from adampx.algorithm.projection import Decisions
+from adampx.backends import plan
 from adampx.optim.checkpoint import FOREIGN_GROUP_KEYS, CheckpointLoading
 from adampx.optim.flattened import FlatteningCheck
 from adampx.tools.statistics import StatisticsRecorder, TensorStatistics
@@ -68,6 +69,22 @@ class ProjectedOptimizer(CheckpointLoading):
         """One functional call for the params of ``group`` that have a gradient."""
         raise NotImplementedError
 
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """``torch.amp.GradScaler``'s protocol for fused optimizers: when True, the scaler
+        neither unscales the gradients nor reads its inf flag on the host; it sets
+        ``grad_scale`` and ``found_inf`` on the optimizer and calls :meth:`step`, which
+        unscales and skips on the device. True where the step's tensors go to the
+        ``triton`` kernels (:func:`adampx.backends.plan.takes_grad_scaler`)."""
+        return plan.takes_grad_scaler(self.param_groups)
+
+    def _grad_scaler(self) -> dict[str, Tensor | None]:
+        """The GradScaler's ``grad_scale`` and ``found_inf`` set for this step (or None)."""
+        return {
+            "grad_scale": getattr(self, "grad_scale", None),
+            "found_inf": getattr(self, "found_inf", None),
+        }
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step.
@@ -81,7 +98,13 @@ class ProjectedOptimizer(CheckpointLoading):
         loss = self._evaluate(closure)
         if self._flattening is not None and not torch.compiler.is_compiling():
             self._flattening.check_if_replaced(self.param_groups)  # DeepSpeed's replacements
-        if any(group["track_statistics"] for group in self.param_groups):
+        tracking = any(group["track_statistics"] for group in self.param_groups)
+        found_inf = getattr(self, "found_inf", None)
+        if tracking and found_inf is not None and found_inf.item() != 0:
+            # a GradScaler step to skip: the statistics read the host anyway
+            self._statistics.clear()
+            return loss
+        if tracking:
             self._statistics.start_step()
         else:
             self._statistics.clear()

@@ -112,6 +112,11 @@ class NormMonitor:
         if self._before is None:
             self.steps += 1
             return
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, Tensor) and found_inf.item() != 0:
+            # a GradScaler step that an optimizer taking the scaler's flag skipped
+            self._before = None
+            return
         self.steps += 1
         after = [p.detach() for _, p in self.params]
         diffs = [a - b for a, b in zip(after, self._before, strict=True)]

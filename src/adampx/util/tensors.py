@@ -132,11 +132,6 @@ def row_shape(t: Tensor) -> tuple[int, int]:
     return t.shape[0], t.numel() // t.shape[0]
 
 
-def flat_view(t: Tensor) -> Tensor:
-    """A dense tensor whose dim 0 is outermost in memory, as a 1-d view in memory order."""
-    return t.as_strided((t.numel(),), (1,))
-
-
 def group_by_device_and_dtype(tensors: list[Tensor]) -> dict[tuple[str, torch.dtype], list[int]]:
     """Indices of ``tensors`` grouped by (device, dtype), in first-seen order."""
     groups: dict[tuple[str, torch.dtype], list[int]] = defaultdict(list)

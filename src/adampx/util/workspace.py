@@ -18,7 +18,7 @@ class Workspace:
     every step, memory of that size comes from the operating system each time and is
     touched page by page, a page fault at a time, once the allocator returns such blocks to
     the system. A :class:`Workspace` keeps the largest buffer asked for under each
-    name (its size depends on the step: the largest tensor or the largest bucket of tensors,
+    name (its size depends on the step: the largest tensor or the largest chunk of tensors,
     per name), for the optimizer's life.
     The contents are scratch: every user writes before it reads.
 
@@ -28,11 +28,12 @@ class Workspace:
     kernels' diagonal patterns for their row dot products).
     """
 
-    # The most recent constants kept. A CUDA step uses one set of index tensors per bucket
-    # and one for all buckets (up to about ten per dtype and param group); a CPU step one
-    # diagonal pattern per distinct row count of its tested tensors and of AdamP's row
-    # blocks (about 30 on ResNet-50). So this bound only drops what the recent steps no
-    # longer use (params that got no gradient, say); past it, a step rebuilds what it needs.
+    # The most recent constants kept. A CUDA step uses two small tables per device, dtype
+    # and param group (the ``triton`` backend's layout and addresses); a CPU step two per
+    # chunk of small tensors (its row sums and index tensors) and one diagonal pattern per
+    # distinct row count of its tested tensors and of AdamP's row blocks (about 30 on
+    # ResNet-50). So this bound only drops what the recent steps no longer use (params that
+    # got no gradient, say); past it, a step rebuilds what it needs.
     CONSTANTS = 256
 
     def __init__(self) -> None:

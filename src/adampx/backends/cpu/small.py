@@ -78,7 +78,7 @@ def _sums(shapes: list[tuple[int, int]], like: Tensor, workspace: Workspace | No
     """The :class:`_Sums` of tensors of these ``[n0, N/n0]`` shapes (kept per shape list)."""
 
     def build() -> _Sums:
-        segs = cached_segments(workspace, shapes, like.device, padded=False)
+        segs = cached_segments(workspace, shapes, like.device)
         sums = like.new_empty(4, segs.rows)
         slices = []
         start = 0

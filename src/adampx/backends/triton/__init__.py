@@ -21,14 +21,21 @@ counters are incremented first), whatever the number of tensors:
 The kernels (:mod:`adampx.backends.triton.kernels`) hold the math once in Triton; the
 thresholds ``δ/√n`` are the host's (:func:`adampx.algorithm.projection.threshold`), and
 AdamP's step counters are read on the device, so that nothing is synchronised and the
-step can be captured in a CUDA graph. The address tables are kept in the optimizer's
-workspace and rebuilt when the tensors' storage, shapes or the set of tested tensors
-change.
+step can be captured in a CUDA graph. The work items' layout is kept in the optimizer's
+workspace while the shapes, ``delta`` and the tested set stay the same; the table of the
+tensors' addresses while their storage does (a gradient allocated elsewhere rebuilds only
+that small table).
+
+A ``torch.amp.GradScaler`` step (``Step.grad_scale`` / ``Step.found_inf``) is taken in the
+kernels: the gradients are unscaled as they are read and written back unscaled, and the
+update does nothing where the inf flag is set, with the step counters left as they were;
+nothing is read on the host.
 
 Takes contiguous float32/float64 tensors (half params through their float32 copies,
-complex ones through their real views, as every backend); every AdamP and SGDP option.
-Chosen only by ``adampx.backends.force("triton")`` for now: CUDA's default remains the
-``flat`` backend until the kernels have been timed on a GPU.
+complex ones through their real views, as every backend); every AdamP and SGDP option but
+``caution`` (the eager math takes cautious groups). The default for CUDA tensors where
+Triton is installed (:mod:`adampx.backends.plan`); on CPU tensors only through
+``adampx.backends.force("triton")`` with ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -55,16 +62,27 @@ BLOCK = 1024  # elements a program handles at once (the tests make it small)
 CHUNK = 1 << 16  # an untested tensor is stepped in chunks of this many elements
 
 
+INSTALLED = importlib.util.find_spec("triton") is not None
+"""Whether Triton is importable (a constant, so that ``torch.compile`` can trace a test of it)."""
+
+# Triton reads the variable when its kernels are defined, so it is read once here too
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
     """Whether Triton runs its interpreter (``TRITON_INTERPRET=1``) on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return INTERPRETING
 
 
 def runs_here() -> bool:
     """Triton is importable, and there is a CUDA device or Triton's interpreter is on."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or interpreting()
+    return INSTALLED and (torch.cuda.is_available() or INTERPRETING)
+
+
+def default_on_cuda() -> bool:
+    """Whether the routing gives CUDA tensors to these kernels by default (Triton is
+    importable and CUDA is available)."""
+    return INSTALLED and torch.cuda.is_available()
 
 
 def supports(step: Step) -> str | None:
@@ -97,11 +115,10 @@ def _bits(x: float) -> int:
     return int(struct.unpack("<q", struct.pack("<d", float(x)))[0])
 
 
-class _Tables(NamedTuple):
-    """Where the kernels find a batch's tensors and work items (device int64 tensors)."""
+class _Layout(NamedTuple):
+    """The work items of a batch's tensors (device int64 tensors), from their shapes and
+    the tested set: the same while the shapes are, whatever the tensors' addresses."""
 
-    ptrs: Tensor  # [4, T]: addresses of p, g and the two state arrays (SGDP: b twice)
-    step_ptrs: Tensor  # [T]: AdamP's step counters (SGDP: unused)
     row_tensor: Tensor  # [R]: per tested row, its tensor
     row_start: Tensor  # [R]: its first element in that tensor
     row_len: Tensor  # [R]
@@ -116,12 +133,44 @@ class _Tables(NamedTuple):
     threshold_values: list[tuple[float, float]]  # the same, as Python floats
 
 
-def _tables(step: Step, batch: Batch, tested: list[int]) -> _Tables:
-    ps = batch.ps
+class _Addresses(NamedTuple):
+    """Where the kernels find a batch's tensors (device int64 tensors)."""
+
+    ptrs: Tensor  # [4, T]: addresses of p, g and the two state arrays (SGDP: b twice)
+    step_ptrs: Tensor  # [T]: AdamP's step counters (SGDP: unused)
+
+
+class _Arrays(NamedTuple):
+    """The tensors of a step: params, gradients, the state (SGDP: ``second`` is empty) and
+    AdamP's step counters (SGDP: empty)."""
+
+    ps: list[Tensor]
+    gs: list[Tensor]
+    first: list[Tensor]
+    second: list[Tensor]
+    steps: list[Tensor]
+
+
+class Scalars(NamedTuple):
+    """A step's hyperparameters as the kernels take them (see :func:`step_`)."""
+
+    lr: float  # 0 where ``lr_tensor``
+    decay: float  # the decay amount a; 0 where ``lr_tensor``
+    beta1: float  # AdamP's β1; SGDP's momentum
+    beta2: float  # AdamP's β2; SGDP: 0
+    c1: float  # AdamP's 1 − β1; SGDP's 1 − dampening
+    eps: float
+    wd_ratio: float
+    sign: float  # −1 with maximize
+    delta: float
+
+
+def _longs(values: list[Any], device: torch.device) -> Tensor:
+    return torch.tensor(values or [0], dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _layout(delta: float, ps: list[Tensor], tested: list[int]) -> _Layout:
     like = ps[0]
-    states = list(batch.states) if len(batch.states) == 2 else [batch.states[0]] * 2
-    ptrs = [[t.data_ptr() for t in arrays] for arrays in (ps, batch.gs, *states)]
-    step_ptrs = [t.data_ptr() for t in batch.steps] or [0]
     row_tensor: list[int] = []
     row_start: list[int] = []
     row_len: list[int] = []
@@ -133,7 +182,7 @@ def _tables(step: Step, batch: Batch, tested: list[int]) -> _Tables:
         n0, length = row_shape(ps[k])
         first_row.append(len(row_tensor))
         rows.append(n0)
-        thresholds.append(OneTensor(n0, length).threshold_values(step.delta, 0))
+        thresholds.append(OneTensor(n0, length).threshold_values(delta, 0))
         row_tensor += [k] * n0
         row_start += [i * length for i in range(n0)]
         row_len += [length] * n0
@@ -149,106 +198,129 @@ def _tables(step: Step, batch: Batch, tested: list[int]) -> _Tables:
             chunk_tensor.append(k)
             chunk_start.append(start)
             chunk_len.append(min(CHUNK, p.numel() - start))
-
-    def longs(values: list[Any]) -> Tensor:
-        return torch.tensor(values or [0], dtype=torch.int64).to(like.device, non_blocking=True)
-
-    return _Tables(
-        ptrs=longs(ptrs).view(4, len(ps)),
-        step_ptrs=longs(step_ptrs),
-        row_tensor=longs(row_tensor),
-        row_start=longs(row_start),
-        row_len=longs(row_len),
-        row_tested=longs(row_tested),
-        chunk_tensor=longs(chunk_tensor),
-        chunk_start=longs(chunk_start),
-        chunk_len=longs(chunk_len),
-        first_row=longs(first_row),
-        rows=longs(rows),
+    device = like.device
+    return _Layout(
+        row_tensor=_longs(row_tensor, device),
+        row_start=_longs(row_start, device),
+        row_len=_longs(row_len, device),
+        row_tested=_longs(row_tested, device),
+        chunk_tensor=_longs(chunk_tensor, device),
+        chunk_start=_longs(chunk_start, device),
+        chunk_len=_longs(chunk_len, device),
+        first_row=_longs(first_row, device),
+        rows=_longs(rows, device),
         thresholds=torch.tensor(
             [[c for c, _ in thresholds] or [0.0], [lay for _, lay in thresholds] or [0.0]],
             dtype=like.dtype,
-        ).to(like.device, non_blocking=True),
+        ).to(device, non_blocking=True),
         tested=tested,
         threshold_values=thresholds,
     )
 
 
-def _kept_tables(step: Step, batch: Batch, workspace: Workspace | None) -> _Tables:
-    """The tables of ``batch``, kept in ``workspace`` while the tensors' storage, shapes and
-    the tested set stay the same."""
-    tested, _ = step.split(batch.params)
-    key = (
-        NAME,
-        step.optimizer,
-        step.delta,
-        tuple(tested),
-        tuple((p.data_ptr(), tuple(p.shape)) for p in batch.ps),
-        tuple(t.data_ptr() for arrays in (batch.gs, *batch.states, batch.steps) for t in arrays),
+def _addresses(arrays: _Arrays) -> _Addresses:
+    states = [arrays.first, arrays.second or arrays.first]  # SGDP: its buffer twice
+    ptrs = [[t.data_ptr() for t in ts] for ts in (arrays.ps, arrays.gs, *states)]
+    step_ptrs = [t.data_ptr() for t in arrays.steps] or [0]
+    device = arrays.ps[0].device
+    return _Addresses(
+        ptrs=_longs(ptrs, device).view(4, len(arrays.ps)), step_ptrs=_longs(step_ptrs, device)
     )
+
+
+def _kept_tables(
+    arrays: _Arrays, tested: list[int], delta: float, workspace: Workspace | None
+) -> tuple[_Layout, _Addresses]:
+    """The layout and addresses of the tensors, kept in ``workspace``: the layout while the
+    shapes, ``delta`` and the tested set stay the same, the addresses while the tensors'
+    storage does (a new gradient at another address rebuilds only the small address table)."""
+    ps = arrays.ps
     if workspace is None:
-        return _tables(step, batch, tested)
-    return workspace.constant(key, lambda: _tables(step, batch, tested))
+        return _layout(delta, ps, tested), _addresses(arrays)
+    shapes = tuple((tuple(p.shape), p.dtype) for p in ps)
+    layout = workspace.constant(
+        (NAME, "layout", delta, tuple(tested), shapes, str(ps[0].device)),
+        lambda: _layout(delta, ps, tested),
+    )
+    key = (NAME, "addresses", tuple(t.data_ptr() for ts in arrays for t in ts))
+    return layout, workspace.constant(key, lambda: _addresses(arrays))
+
+
+def _amp_tensors(step: Step, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A GradScaler step's scale and inf flag on ``device`` (float32; 1 and 0 for the one
+    not given), read by the kernels there, so nothing waits for the device."""
+    scale = step.grad_scale
+    found = step.found_inf
+    scale = (
+        scale.to(device, torch.float32, non_blocking=True)
+        if scale is not None
+        else torch.ones((), dtype=torch.float32, device=device)
+    )
+    found = (
+        found.to(device, torch.float32, non_blocking=True)
+        if found is not None
+        else torch.zeros((), dtype=torch.float32, device=device)
+    )
+    return scale, found
 
 
 def step_(step: Step, batch: Batch, workspace: Workspace | None) -> None:
-    """AdamP's or SGDP's step of ``batch`` (tensors of one device and dtype), in place."""
-    from adampx.backends.triton import kernels
+    """AdamP's or SGDP's step of ``batch`` (tensors of one device and dtype), in place.
 
+    While ``torch.compile`` traces the step, the kernels are called through the custom op
+    ``torch.ops.adampx.triton_step`` (:mod:`adampx.backends.triton.op`), which the compiled
+    graph calls as it is; eagerly, directly."""
     like = batch.ps[0]
     adam = step.optimizer == "adamp"
+    grad_scale, found_inf = _amp_tensors(step, like.device) if step.amp else (None, None)
     if adam:
-        torch._foreach_add_(batch.steps, 1)
-    tables = _kept_tables(step, batch, workspace)
-    fp64 = like.dtype == torch.float64
-    n_tensors, n_tested = len(batch.ps), len(tables.tested)
-    n_rows = int(tables.row_tensor.numel()) if n_tested else 0
-    n_chunks = int(tables.chunk_tensor.numel()) if n_tested < n_tensors else 0
+        if found_inf is not None:  # a skipped step does not count
+            counted = 1 - (found_inf != 0).float()  # (a tensor list: no read on the host)
+            torch._foreach_add_(batch.steps, [counted] * len(batch.steps))
+        else:
+            torch._foreach_add_(batch.steps, 1)
+    lr_tensor = isinstance(step.lr, Tensor) and step.lr.device == like.device
     beta1, beta2, c1 = (
         (step.beta1, step.beta2, 1 - step.beta1)
         if adam
         else (step.momentum, 0.0, 1 - step.dampening)
     )
-    lr_tensor = isinstance(step.lr, Tensor) and step.lr.device == like.device
-    lr = 0.0 if lr_tensor else lr_float(step.lr)
-    decay = 0.0 if lr_tensor else (step.decay_value() if step.weight_decay != 0 else 0.0)
-    lr_ptr = step.lr if lr_tensor else like
-    decay_ptr = step.decay if lr_tensor else like
-    sign = -1.0 if step.maximize else 1.0
-    options: dict[str, Any] = dict(BLOCK=BLOCK, FP64=fp64)
-    direction = dict(ADAM=adam, NESTEROV=step.nesterov)
-    statistics = like.new_empty(4, max(n_tested, 1))  # max cosine, layer cosine, ‖p‖, p·u
-    mode = torch.empty(max(n_tested, 1), dtype=torch.int32, device=like.device)
-    sums = like.new_empty(3 * max(n_rows, 1))
-    dots = like.new_empty(max(n_rows, 1))
-    if n_tested:
-        kernels.row_sums_kernel[(n_rows,)](
-            tables.ptrs, n_tensors, tables.row_tensor, tables.row_start, tables.row_len,
-            sums, n_rows, **options,
-        )  # fmt: skip
-        kernels.test_kernel[(n_tested,)](
-            sums, n_rows, tables.first_row, tables.rows, tables.thresholds, n_tested,
-            _bits(step.eps), mode, statistics[0], statistics[1], statistics[2], **options,
-        )  # fmt: skip
-        kernels.dots_kernel[(n_rows,)](
-            tables.ptrs, n_tensors, tables.step_ptrs, tables.row_tensor, tables.row_start,
-            tables.row_len, tables.row_tested, mode, dots, _bits(beta1), _bits(beta2),
-            _bits(c1), _bits(step.eps), sign, **options, **direction,
-        )  # fmt: skip
-        kernels.layer_dots_kernel[(n_tested,)](
-            tables.first_row, tables.rows, mode, dots, statistics[3], **options
-        )
-    kernels.update_kernel[(n_rows + n_chunks,)](
-        tables.ptrs, n_tensors, tables.step_ptrs, lr_ptr, decay_ptr,
-        tables.row_tensor, tables.row_start, tables.row_len, tables.row_tested, n_rows,
-        tables.chunk_tensor, tables.chunk_start, tables.chunk_len,
-        sums, mode, statistics[2], dots, statistics[3],
-        _bits(lr), _bits(decay), _bits(beta1), _bits(beta2), _bits(c1), _bits(step.eps),
-        _bits(step.wd_ratio), sign, LR_TENSOR=lr_tensor, **options, **direction,
+    scalars = Scalars(
+        lr=0.0 if lr_tensor else lr_float(step.lr),
+        decay=0.0 if lr_tensor or step.weight_decay == 0 else step.decay_value(),
+        beta1=beta1,
+        beta2=beta2,
+        c1=c1,
+        eps=step.eps,
+        wd_ratio=step.wd_ratio,
+        sign=-1.0 if step.maximize else 1.0,
+        delta=step.delta,
+    )
+    tested, _ = step.split(batch.params)
+    arrays = _Arrays(
+        list(batch.ps), list(batch.gs), list(batch.states[0]),
+        list(batch.states[1]) if adam else [], list(batch.steps),
     )  # fmt: skip
+    lr_t = step.lr if lr_tensor and isinstance(step.lr, Tensor) else None
+    decay_t = step.decay if lr_tensor and isinstance(step.decay, Tensor) else None
+    if torch.compiler.is_compiling():
+        from adampx.backends.triton import op
+
+        mode, statistics = op.triton_step(
+            *arrays, tested, list(scalars), [adam, step.nesterov], lr_t, decay_t,
+            grad_scale, found_inf,
+        )  # fmt: skip
+    else:
+        mode, statistics = launch(
+            arrays, tested, scalars, adam, step.nesterov, lr_t, decay_t, grad_scale,
+            found_inf, workspace,
+        )  # fmt: skip
     if step.decisions is not None:
-        for tt, k in enumerate(tables.tested):
-            channel_threshold, layer_threshold = tables.threshold_values[tt]
+        for tt, k in enumerate(tested):
+            n0, length = row_shape(batch.ps[k])
+            channel_threshold, layer_threshold = OneTensor(n0, length).threshold_values(
+                step.delta, 0
+            )
             step.decisions[batch.params[k]] = Decision(
                 channel=mode[tt] == 1,
                 layer=mode[tt] == 2,
@@ -257,3 +329,74 @@ def step_(step: Step, batch: Batch, workspace: Workspace | None) -> None:
                 channel_threshold=channel_threshold,
                 layer_threshold=layer_threshold,
             )
+
+
+def launch(
+    arrays: _Arrays,
+    tested: list[int],
+    scalars: Scalars,
+    adam: bool,
+    nesterov: bool,
+    lr_t: Tensor | None,
+    decay_t: Tensor | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    workspace: Workspace | None,
+) -> tuple[Tensor, Tensor]:
+    """The kernels' launches for one step (the counters already incremented); returns
+    ``mode`` (per tested tensor: 1 channel view, 2 layer view, 0 none) and the statistics
+    ``[max cosine, layer cosine, ‖p‖, p·u]`` per tested tensor."""
+    from adampx.backends.triton import kernels
+
+    like = arrays.ps[0]
+    layout, addresses = _kept_tables(arrays, tested, scalars.delta, workspace)
+    n_tensors, n_tested = len(arrays.ps), len(tested)
+    n_rows = int(layout.row_tensor.numel()) if n_tested else 0
+    n_chunks = int(layout.chunk_tensor.numel()) if n_tested < n_tensors else 0
+    amp = grad_scale is not None or found_inf is not None
+    if amp:  # both are given by step_
+        assert grad_scale is not None and found_inf is not None
+    else:
+        grad_scale = found_inf = like  # placeholders: read by the kernels only with AMP
+    lr_ptr = lr_t if lr_t is not None else like
+    decay_ptr = decay_t if decay_t is not None else like
+    s = scalars
+    options: dict[str, Any] = dict(BLOCK=BLOCK, FP64=like.dtype == torch.float64)
+    scaled: dict[str, Any] = dict(AMP=amp)
+    direction = dict(ADAM=adam, NESTEROV=nesterov)
+    # per tested tensor: max cosine, layer cosine, ‖p‖, p·u (every entry written below)
+    statistics = like.new_empty(4, n_tested) if n_tested else like.new_zeros(4, 1)
+    mode = (
+        torch.empty(n_tested, dtype=torch.int32, device=like.device)
+        if n_tested
+        else (torch.zeros(1, dtype=torch.int32, device=like.device))
+    )
+    sums = like.new_empty(3 * max(n_rows, 1))
+    dots = like.new_empty(max(n_rows, 1))
+    if n_tested:
+        kernels.row_sums_kernel[(n_rows,)](
+            addresses.ptrs, n_tensors, layout.row_tensor, layout.row_start, layout.row_len,
+            sums, n_rows, grad_scale, **options, **scaled,
+        )  # fmt: skip
+        kernels.test_kernel[(n_tested,)](
+            sums, n_rows, layout.first_row, layout.rows, layout.thresholds, n_tested,
+            _bits(s.eps), mode, statistics[0], statistics[1], statistics[2], **options,
+        )  # fmt: skip
+        kernels.dots_kernel[(n_rows,)](
+            addresses.ptrs, n_tensors, addresses.step_ptrs, layout.row_tensor, layout.row_start,
+            layout.row_len, layout.row_tested, mode, dots, _bits(s.beta1), _bits(s.beta2),
+            _bits(s.c1), _bits(s.eps), s.sign, grad_scale, **options, **direction, **scaled,
+        )  # fmt: skip
+        kernels.layer_dots_kernel[(n_tested,)](
+            layout.first_row, layout.rows, mode, dots, statistics[3], **options
+        )
+    kernels.update_kernel[(n_rows + n_chunks,)](
+        addresses.ptrs, n_tensors, addresses.step_ptrs, lr_ptr, decay_ptr,
+        layout.row_tensor, layout.row_start, layout.row_len, layout.row_tested, n_rows,
+        layout.chunk_tensor, layout.chunk_start, layout.chunk_len,
+        sums, mode, statistics[2], dots, statistics[3],
+        _bits(s.lr), _bits(s.decay), _bits(s.beta1), _bits(s.beta2), _bits(s.c1),
+        _bits(s.eps), _bits(s.wd_ratio), s.sign, grad_scale, found_inf,
+        LR_TENSOR=lr_t is not None, **options, **direction, **scaled,
+    )  # fmt: skip
+    return mode, statistics

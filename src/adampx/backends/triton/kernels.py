@@ -12,6 +12,10 @@ computes with the hyperparameters' exact values (Triton passes Python floats as 
 The math is ``docs/algorithm.md``'s, as in ``adampx.algorithm``: the cosine test, the
 thresholds (computed on the host, ``δ/√n`` once per shape), the decay factor ``1 − a·r`` and
 Adam's step size, each written once here for this language.
+
+With ``AMP`` (a ``torch.amp.GradScaler`` step), the gradients are divided by ``*grad_scale``
+as they are read, the update pass writes them back unscaled, and the update pass does
+nothing where ``*found_inf`` is not 0 (the sums and dots before it write only scratch).
 """
 
 from __future__ import annotations
@@ -60,6 +64,25 @@ def _moments(beta1_bits, beta2_bits, c1_bits, eps_bits, FP64: tl.constexpr):
 
 
 @triton.jit
+def _grad_scale(grad_scale_ptr, FP64: tl.constexpr, AMP: tl.constexpr):
+    """The GradScaler's scale the gradients are divided by (1 without ``AMP``)."""
+    if AMP:
+        scale = tl.load(grad_scale_ptr).to(tl.float64 if FP64 else tl.float32)
+    else:
+        scale = 1.0
+    return scale
+
+
+@triton.jit
+def _load_grad(g_ptr, at, mask, scale, AMP: tl.constexpr):
+    """A block of the gradient, unscaled with ``AMP``."""
+    g = tl.load(g_ptr + at, mask=mask, other=0)
+    if AMP:
+        g = g / scale
+    return g
+
+
+@triton.jit
 def _load_direction(
     p_ptr,
     g_ptr,
@@ -68,6 +91,7 @@ def _load_direction(
     at,
     mask,
     sign,
+    scale,
     beta1,
     beta2,
     c1,
@@ -75,21 +99,26 @@ def _load_direction(
     eps,
     ADAM: tl.constexpr,
     NESTEROV: tl.constexpr,
+    AMP: tl.constexpr,
 ):
-    """A block's ``p``, its new state and its direction ``u``, from memory."""
+    """A block's ``p``, its (unscaled) gradient, new state and direction ``u``, from memory."""
     p = tl.load(p_ptr + at, mask=mask, other=0)
-    g = sign * tl.load(g_ptr + at, mask=mask, other=0)
+    g = _load_grad(g_ptr, at, mask, scale, AMP)
     s1 = tl.load(s1_ptr + at, mask=mask, other=0)
     s2 = tl.load(s2_ptr + at, mask=mask, other=0)
-    s1, s2, u = _direction(g, s1, s2, beta1, beta2, c1, sqrt_bc2, eps, ADAM, NESTEROV)
-    return p, s1, s2, u
+    s1, s2, u = _direction(sign * g, s1, s2, beta1, beta2, c1, sqrt_bc2, eps, ADAM, NESTEROV)
+    return p, g, s1, s2, u
 
 
 @triton.jit
 def _store_step(
-    p_ptr, s1_ptr, s2_ptr, at, mask, p, s1, s2, u, keep, step_size, coefficient, ADAM: tl.constexpr
-):
-    """The block's new state, and ``p ← p·keep − s·(u − c·p)``."""
+    p_ptr, g_ptr, s1_ptr, s2_ptr, at, mask, p, g, s1, s2, u, keep, step_size, coefficient,
+    ADAM: tl.constexpr, AMP: tl.constexpr,
+):  # fmt: skip
+    """The block's new state, ``p ← p·keep − s·(u − c·p)``, and with ``AMP`` its unscaled
+    gradient."""
+    if AMP:
+        tl.store(g_ptr + at, g, mask=mask)
     tl.store(s1_ptr + at, s1, mask=mask)
     if ADAM:
         tl.store(s2_ptr + at, s2, mask=mask)
@@ -136,8 +165,9 @@ def _corrections(step_ptrs, t, beta1, beta2, ADAM: tl.constexpr, FP64: tl.conste
 
 @triton.jit
 def row_sums_kernel(
-    ptrs, T, row_tensor, row_start, row_len, sums, R, BLOCK: tl.constexpr, FP64: tl.constexpr
-):
+    ptrs, T, row_tensor, row_start, row_len, sums, R, grad_scale_ptr,
+    BLOCK: tl.constexpr, FP64: tl.constexpr, AMP: tl.constexpr,
+):  # fmt: skip
     """Per tested row: ``‖p_i‖²``, ``‖g_i‖²``, ``p_i·g_i`` into ``sums[0..2, i]``."""
     r = tl.program_id(0)
     t = tl.load(row_tensor + r)
@@ -145,6 +175,7 @@ def row_sums_kernel(
     n = tl.load(row_len + r)
     p_ptr = _pointer(ptrs, 0, T, t, FP64)
     g_ptr = _pointer(ptrs, 1, T, t, FP64)
+    scale = _grad_scale(grad_scale_ptr, FP64, AMP)
     lanes = tl.arange(0, BLOCK)
     if FP64:
         pp = tl.zeros([BLOCK], tl.float64)
@@ -155,7 +186,7 @@ def row_sums_kernel(
     for offset in range(0, n, BLOCK):
         mask = offset + lanes < n
         p = tl.load(p_ptr + start + offset + lanes, mask=mask, other=0)
-        g = tl.load(g_ptr + start + offset + lanes, mask=mask, other=0)
+        g = _load_grad(g_ptr, start + offset + lanes, mask, scale, AMP)
         pp += p * p
         gg += g * g
         gp += p * g
@@ -237,10 +268,12 @@ def dots_kernel(
     c1_bits,
     eps_bits,
     sign,
+    grad_scale_ptr,
     BLOCK: tl.constexpr,
     FP64: tl.constexpr,
     ADAM: tl.constexpr,
     NESTEROV: tl.constexpr,
+    AMP: tl.constexpr,
 ):
     """Per row of a projected tensor, ``p_i·u_i`` with ``u`` the direction the update pass
     will form (computed here from the state before the step, which stays unwritten); not
@@ -258,13 +291,14 @@ def dots_kernel(
     beta1, beta2, c1, eps = _moments(beta1_bits, beta2_bits, c1_bits, eps_bits, FP64)
     _bc1, sqrt_bc2 = _corrections(step_ptrs, t, beta1, beta2, ADAM, FP64)
     p_ptr, g_ptr, s1_ptr, s2_ptr = _arrays(ptrs, T, t, FP64)
+    scale = _grad_scale(grad_scale_ptr, FP64, AMP)
     lanes = tl.arange(0, BLOCK)
     total = tl.zeros([BLOCK], eps.dtype)
     for offset in range(0, n, BLOCK):
         mask = offset + lanes < n
-        p, _s1, _s2, u = _load_direction(
-            p_ptr, g_ptr, s1_ptr, s2_ptr, start + offset + lanes, mask, sign, beta1, beta2, c1,
-            sqrt_bc2, eps, ADAM, NESTEROV,
+        p, _g, _s1, _s2, u = _load_direction(
+            p_ptr, g_ptr, s1_ptr, s2_ptr, start + offset + lanes, mask, sign, scale, beta1,
+            beta2, c1, sqrt_bc2, eps, ADAM, NESTEROV, AMP,
         )  # fmt: skip
         total += tl.where(mask, p * u, 0)
     tl.store(dots + r, tl.sum(total, 0))
@@ -272,9 +306,14 @@ def dots_kernel(
 
 @triton.jit
 def layer_dots_kernel(first_row, rows, mode, dots, layer, BLOCK: tl.constexpr, FP64: tl.constexpr):
-    """Per tensor projected as a whole, ``p·u``: the sum of its rows' dots."""
+    """Per tensor projected as a whole, ``p·u``: the sum of its rows' dots (0 for the
+    others, so that every output of the step is defined)."""
     tt = tl.program_id(0)
     if tl.load(mode + tt) != 2:
+        if FP64:
+            tl.store(layer + tt, tl.zeros([], tl.float64))
+        else:
+            tl.store(layer + tt, tl.zeros([], tl.float32))
         return
     first = tl.load(first_row + tt)
     n = tl.load(rows + tt)
@@ -317,16 +356,23 @@ def update_kernel(
     eps_bits,
     ratio_bits,
     sign,
+    grad_scale_ptr,
+    found_inf_ptr,
     BLOCK: tl.constexpr,
     FP64: tl.constexpr,
     ADAM: tl.constexpr,
     NESTEROV: tl.constexpr,
     LR_TENSOR: tl.constexpr,
+    AMP: tl.constexpr,
 ):
     """The step of one item (a tested row, or a chunk of an untested tensor): the state,
     the direction ``u``, its radial part removed where the test passed (``u − c·p`` with
     ``c = p·u/(‖p‖ + eps)²`` per row or for the whole tensor), then
-    ``p ← p·(1 − a·r) − s·(u − c·p)`` (``s``: AdamP's ``lr/(1 − β1^t)``, SGDP's ``lr``)."""
+    ``p ← p·(1 − a·r) − s·(u − c·p)`` (``s``: AdamP's ``lr/(1 − β1^t)``, SGDP's ``lr``);
+    nothing where ``AMP`` and ``*found_inf`` is not 0."""
+    if AMP:
+        if tl.load(found_inf_ptr) != 0:
+            return
     item = tl.program_id(0)
     beta1, beta2, c1, eps = _moments(beta1_bits, beta2_bits, c1_bits, eps_bits, FP64)
     ratio = _f64(ratio_bits)
@@ -366,24 +412,25 @@ def update_kernel(
     bc1, sqrt_bc2 = _corrections(step_ptrs, t, beta1, beta2, ADAM, FP64)
     step_size = lr / bc1
     p_ptr, g_ptr, s1_ptr, s2_ptr = _arrays(ptrs, T, t, FP64)
+    scale = _grad_scale(grad_scale_ptr, FP64, AMP)
     lanes = tl.arange(0, BLOCK)
     if view == 1 and n <= BLOCK:  # a row in registers: its dot p·u here, no second read
         mask = lanes < n
         at = start + lanes
-        p, s1, s2, u = _load_direction(
-            p_ptr, g_ptr, s1_ptr, s2_ptr, at, mask, sign, beta1, beta2, c1, sqrt_bc2, eps,
-            ADAM, NESTEROV,
+        p, g, s1, s2, u = _load_direction(
+            p_ptr, g_ptr, s1_ptr, s2_ptr, at, mask, sign, scale, beta1, beta2, c1, sqrt_bc2,
+            eps, ADAM, NESTEROV, AMP,
         )  # fmt: skip
         coefficient = tl.sum(tl.where(mask, p * u, 0), 0) / radial
-        _store_step(p_ptr, s1_ptr, s2_ptr, at, mask, p, s1, s2, u, keep, step_size, coefficient,
-                    ADAM)  # fmt: skip
+        _store_step(p_ptr, g_ptr, s1_ptr, s2_ptr, at, mask, p, g, s1, s2, u, keep, step_size,
+                    coefficient, ADAM, AMP)  # fmt: skip
     else:
         for offset in range(0, n, BLOCK):
             mask = offset + lanes < n
             at = start + offset + lanes
-            p, s1, s2, u = _load_direction(
-                p_ptr, g_ptr, s1_ptr, s2_ptr, at, mask, sign, beta1, beta2, c1, sqrt_bc2, eps,
-                ADAM, NESTEROV,
+            p, g, s1, s2, u = _load_direction(
+                p_ptr, g_ptr, s1_ptr, s2_ptr, at, mask, sign, scale, beta1, beta2, c1,
+                sqrt_bc2, eps, ADAM, NESTEROV, AMP,
             )  # fmt: skip
-            _store_step(p_ptr, s1_ptr, s2_ptr, at, mask, p, s1, s2, u, keep, step_size,
-                        coefficient, ADAM)  # fmt: skip
+            _store_step(p_ptr, g_ptr, s1_ptr, s2_ptr, at, mask, p, g, s1, s2, u, keep,
+                        step_size, coefficient, ADAM, AMP)  # fmt: skip
