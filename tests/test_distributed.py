@@ -92,6 +92,21 @@ def full(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
+def counted_step(net: nn.Module, opt: Any, i: int, dtype: torch.dtype) -> int:
+    """One more step on batch ``i``, its collectives counted (the batched projection's
+    all-reduces; statistics, which gather norms, turned off first)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    for group in opt.param_groups:
+        group["track_statistics"] = False
+    x, y = batch(i, dtype)
+    opt.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
+    with CommDebugMode() as comm:
+        opt.step()
+    return int(comm.get_total_counts())
+
+
 def _worker(rank: int, world: int, store: str, scheme: str, out: str) -> None:
     with gloo(rank, world, store):
         results: dict[Any, Any] = {}
@@ -129,17 +144,7 @@ def _worker(rank: int, world: int, store: str, scheme: str, out: str) -> None:
                 params = [full(p).detach().clone() for p in model.parameters()]
                 results[(name, foreach)] = (params, views)
                 if scheme.startswith("fsdp") and foreach:
-                    # one more step, counted: the batched projection's all-reduces
-                    from torch.distributed.tensor.debug import CommDebugMode
-
-                    for group in opt.param_groups:  # statistics gather norms: leave them out
-                        group["track_statistics"] = False
-                    x, y = batch(steps, dtype)
-                    opt.zero_grad()
-                    nn.functional.cross_entropy(net(x), y).backward()
-                    with CommDebugMode() as comm:
-                        opt.step()
-                    collectives[name] = comm.get_total_counts()
+                    collectives[name] = counted_step(net, opt, steps, dtype)
         if rank == 0:
             torch.save((results, collectives), out)
     os._exit(0)  # see gloo
@@ -354,3 +359,72 @@ def test_caution_under_fsdp2_is_refused_before_anything_changes(tmp_path: Path) 
         assert refusal in built and "use caution=False under FSDP2" in built
         assert refusal in stepped
         assert unchanged == "unchanged=True"
+
+
+def _triton_worker(rank: int, world: int, store: str, scheme: str, out: str) -> None:
+    """FSDP2 training with every step forced onto the ``triton`` kernels (Triton's
+    interpreter on the CPU shards; blocks of 16 elements, so rows of 7 fit one and rows of
+    27 and 80 do not)."""
+    import adampx
+    from adampx.backends import triton
+
+    triton.BLOCK, triton.CHUNK = 16, 40
+    with gloo(rank, world, store):
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard
+
+        results: dict[Any, Any] = {}
+        collectives: dict[str, int] = {}
+        for name, make in CONFIGS.items():
+            model = make_model()
+            placement = None
+            if scheme == "fsdp_shard1":  # dim 1 where it divides evenly: part of each row
+
+                def placement(p: torch.Tensor) -> Shard:
+                    return Shard(1) if p.dim() > 1 and p.shape[1] % world == 0 else Shard(0)
+
+            net = fully_shard(model, shard_placement_fn=placement)
+            opt = make(model.parameters(), None)
+            with adampx.backends.force("triton"):
+                views = train(net, opt, STEPS, torch.float64)
+                params = [full(p).detach().clone() for p in model.parameters()]
+                results[name] = (params, views)
+                collectives[name] = counted_step(net, opt, STEPS, torch.float64)
+        if rank == 0:
+            torch.save((results, collectives), out)
+    os._exit(0)  # see gloo
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "scheme, world", [("fsdp", 2), ("fsdp", 3), ("fsdp_shard1", 2), ("fsdp_shard1", 3)]
+)
+def test_triton_kernels_on_fsdp2_shards_equal_one_process(
+    scheme: str, world: int, tmp_path: Path
+) -> None:
+    """The ``triton`` backend on FSDP2's local shards (whole rows from dim-0 shards, uneven
+    and, on 3 ranks, empty; parts of rows from dim-1 shards: on 2 ranks the layer-view
+    linear weight's, on 3 the channel-view conv weight's, rows shorter than a block, whose
+    dots must not be taken in registers): the rows' sums and dots are
+    all-reduced between the passes (two collectives per step), and the training equals one
+    process's eager math, projection decisions included."""
+    import platform
+
+    from adampx.backends import triton
+
+    if not triton.runs_here():
+        assert platform.system() != "Linux" or platform.machine() != "x86_64"
+        pytest.skip("the test extra installs triton on Linux x86_64 only")
+    out, store = str(tmp_path / "triton.pt"), str(tmp_path / "triton.store")
+    mp.spawn(_triton_worker, args=(world, store, scheme, out), nprocs=world, join=True)
+    results, collectives = torch.load(out, weights_only=False)
+    assert collectives == {"adamp": 2, "sgdp": 2}
+    for name, make in CONFIGS.items():
+        model = make_model()
+        ref_views = train(model, make(model.parameters(), False), STEPS, torch.float64)
+        params, views = results[name]
+        for i, (p, r) in enumerate(zip(params, model.parameters(), strict=True)):
+            torch.testing.assert_close(p, r.detach(), rtol=1e-10, atol=1e-12, msg=f"{name} {i}")
+        assert views == ref_views, name
+    fired = [v for step in ref_views for v in step.values()]
+    assert "channel" in fired and "layer" in fired  # the comparison is not vacuous

@@ -493,11 +493,11 @@ COMPILE_ALL = textwrap.dedent(
     from triton.compiler import ASTSource
     from adampx.backends.triton import kernels
 
-    LONGS = {"ptrs", "step_ptrs", "row_tensor", "row_start", "row_len", "row_tested",
-             "chunk_tensor", "chunk_start", "chunk_len", "first_row", "rows"}
+    LONGS = {"ptrs", "step_ptrs", "row_tensor", "row_start", "row_len", "row_slot",
+             "row_tested", "chunk_tensor", "chunk_start", "chunk_len", "first_row", "rows"}
 
     def arg_type(name, fp):
-        if name in ("T", "R", "TT"):
+        if name in ("T", "R", "S", "TT", "whole_rows"):
             return "i32"
         if name.endswith("_bits"):
             return "i64"

@@ -31,6 +31,11 @@ kernels: the gradients are unscaled as they are read and written back unscaled, 
 update does nothing where the inf flag is set, with the step counters left as they were;
 nothing is read on the host.
 
+FSDP2's sharded params (DTensors on a 1-D mesh, ``Shard(d)``) are stepped on their local
+shards: each row's sums and dot go to its global slot, and the two vectors are
+all-reduced after the row-sum and the dot passes (two collectives per step, as
+:mod:`adampx.algorithm.sharded`); a rank with an empty shard still takes part.
+
 Takes contiguous float32/float64 tensors (half params through their float32 copies,
 complex ones through their real views, as every backend); every AdamP and SGDP option but
 ``caution`` (the eager math takes cautious groups). The default for CUDA tensors where
@@ -46,12 +51,14 @@ import struct
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from adampx.algorithm import caution
 from adampx.algorithm.projection import Decision, OneTensor
+from adampx.algorithm.sharded import batched_projection_supported
 from adampx.algorithm.spec import Step, lr_float
-from adampx.util.tensors import KERNEL_DTYPES, Batch, row_shape
+from adampx.util.tensors import KERNEL_DTYPES, Batch, local_rows, row_shape
 from adampx.util.workspace import Workspace
 
 __all__ = ["BLOCK", "CHUNK", "NAME", "runs_here", "step_", "supports", "takes"]
@@ -93,12 +100,20 @@ def supports(step: Step) -> str | None:
 def takes(
     param: Tensor, p: Tensor, g: Tensor, states: list[Tensor], counter: Tensor | None
 ) -> str | None:
-    """Why the kernels cannot step ``param`` (None if they can)."""
+    """Why the kernels cannot step ``param`` (None if they can): plain tensors, and FSDP2's
+    sharded params on their local shards (which may be empty)."""
     if not (p.is_cuda or (p.is_cpu and interpreting())):
         return f"it runs on CUDA (or on the CPU in Triton's interpreter), not {p.device.type}"
-    if type(param) not in (Tensor, torch.nn.Parameter) or type(g) is not Tensor:
-        return "it steps plain tensors"
-    if p.dtype not in KERNEL_DTYPES or p.numel() == 0:
+    sharded = _is_sharded(p)
+    if sharded:
+        if torch.compiler.is_compiling():
+            return "under torch.compile it steps whole tensors (shards take the eager math)"
+        if not all(_is_sharded(t) and t.placements == p.placements for t in (g, *states)):  # type: ignore[attr-defined]
+            return "it steps a sharded param whose gradient and state are sharded alike"
+        p, g, states = p.to_local(), g.to_local(), _local(states)  # type: ignore[attr-defined]
+    elif type(param) not in (Tensor, torch.nn.Parameter) or type(g) is not Tensor:
+        return "it steps plain tensors and FSDP2's sharded params"
+    if p.dtype not in KERNEL_DTYPES or (p.numel() == 0 and not sharded):
         return "it steps non-empty float32/float64 tensors (half ones through float32 copies)"
     for t in (p, g, *states):
         if not t.is_contiguous() or t.dtype != p.dtype or t.device != p.device:
@@ -119,15 +134,19 @@ class _Layout(NamedTuple):
     """The work items of a batch's tensors (device int64 tensors), from their shapes and
     the tested set: the same while the shapes are, whatever the tensors' addresses."""
 
-    row_tensor: Tensor  # [R]: per tested row, its tensor
+    row_tensor: Tensor  # [R]: per tested row (of this rank's shard), its tensor
     row_start: Tensor  # [R]: its first element in that tensor
     row_len: Tensor  # [R]
+    row_slot: Tensor  # [R]: where its sums and dot go among all the tested rows' (S)
     row_tested: Tensor  # [R]: its tensor's index among the tested ones
     chunk_tensor: Tensor  # [C]: per chunk of an untested tensor, the tensor
     chunk_start: Tensor  # [C]
     chunk_len: Tensor  # [C]
-    first_row: Tensor  # [TT]: per tested tensor, its first row
-    rows: Tensor  # [TT]
+    first_row: Tensor  # [TT]: per tested tensor, its first slot
+    rows: Tensor  # [TT]: its rows (all ranks')
+    slots: int  # S: the rows of all tested tensors (all ranks')
+    items: int  # R: the rows this rank steps
+    chunks: int  # C
     thresholds: Tensor  # [2, TT]: δ/√(N/n0) and δ/√N, in the params' dtype
     tested: list[int]  # the tested tensors' indices in the batch
     threshold_values: list[tuple[float, float]]  # the same, as Python floats
@@ -169,24 +188,52 @@ def _longs(values: list[Any], device: torch.device) -> Tensor:
     return torch.tensor(values or [0], dtype=torch.int64).to(device, non_blocking=True)
 
 
-def _layout(delta: float, ps: list[Tensor], tested: list[int]) -> _Layout:
+class Window(NamedTuple):
+    """A tested tensor's rows as this process holds them: all of them for a whole tensor;
+    for an FSDP2 shard, ``held`` rows from global row ``first``, each of ``length``
+    elements here out of ``full_length`` (fewer where the shard splits the rows)."""
+
+    rows: int  # n0 of the whole tensor
+    first: int
+    held: int  # rows held here
+    length: int
+    full_length: int
+
+
+def window(param: Tensor, local: Tensor) -> Window:
+    """The :class:`Window` of ``param`` (a whole tensor or a DTensor) whose elements here
+    are ``local``."""
+    n0, full_length = row_shape(param)
+    if local is param:  # a whole tensor
+        return Window(n0, 0, n0, full_length, full_length)
+    if param.placements[0].dim == 0:  # type: ignore[attr-defined]
+        first, count = local_rows(param)
+        return Window(n0, first, count, full_length, full_length)
+    return Window(n0, 0, n0, local.numel() // n0, full_length)  # Shard(d > 0)
+
+
+def _layout(delta: float, ps: list[Tensor], tested: list[int], windows: list[Window]) -> _Layout:
     like = ps[0]
     row_tensor: list[int] = []
     row_start: list[int] = []
     row_len: list[int] = []
+    row_slot: list[int] = []
     row_tested: list[int] = []
     first_row: list[int] = []
     rows: list[int] = []
     thresholds: list[tuple[float, float]] = []
-    for tt, k in enumerate(tested):
-        n0, length = row_shape(ps[k])
-        first_row.append(len(row_tensor))
-        rows.append(n0)
-        thresholds.append(OneTensor(n0, length).threshold_values(delta, 0))
-        row_tensor += [k] * n0
-        row_start += [i * length for i in range(n0)]
-        row_len += [length] * n0
-        row_tested += [tt] * n0
+    slots = 0
+    for tt, (k, w) in enumerate(zip(tested, windows, strict=True)):
+        first_row.append(slots)
+        rows.append(w.rows)
+        thresholds.append(OneTensor(w.rows, w.full_length).threshold_values(delta, 0))
+        if w.length:
+            row_tensor += [k] * w.held
+            row_start += [i * w.length for i in range(w.held)]
+            row_len += [w.length] * w.held
+            row_slot += [slots + w.first + i for i in range(w.held)]
+            row_tested += [tt] * w.held
+        slots += w.rows
     is_tested = set(tested)
     chunk_tensor: list[int] = []
     chunk_start: list[int] = []
@@ -203,12 +250,16 @@ def _layout(delta: float, ps: list[Tensor], tested: list[int]) -> _Layout:
         row_tensor=_longs(row_tensor, device),
         row_start=_longs(row_start, device),
         row_len=_longs(row_len, device),
+        row_slot=_longs(row_slot, device),
         row_tested=_longs(row_tested, device),
         chunk_tensor=_longs(chunk_tensor, device),
         chunk_start=_longs(chunk_start, device),
         chunk_len=_longs(chunk_len, device),
         first_row=_longs(first_row, device),
         rows=_longs(rows, device),
+        slots=slots,
+        items=len(row_tensor),
+        chunks=len(chunk_tensor),
         thresholds=torch.tensor(
             [[c for c, _ in thresholds] or [0.0], [lay for _, lay in thresholds] or [0.0]],
             dtype=like.dtype,
@@ -229,18 +280,22 @@ def _addresses(arrays: _Arrays) -> _Addresses:
 
 
 def _kept_tables(
-    arrays: _Arrays, tested: list[int], delta: float, workspace: Workspace | None
+    arrays: _Arrays,
+    tested: list[int],
+    windows: list[Window],
+    delta: float,
+    workspace: Workspace | None,
 ) -> tuple[_Layout, _Addresses]:
     """The layout and addresses of the tensors, kept in ``workspace``: the layout while the
     shapes, ``delta`` and the tested set stay the same, the addresses while the tensors'
     storage does (a new gradient at another address rebuilds only the small address table)."""
     ps = arrays.ps
     if workspace is None:
-        return _layout(delta, ps, tested), _addresses(arrays)
+        return _layout(delta, ps, tested, windows), _addresses(arrays)
     shapes = tuple((tuple(p.shape), p.dtype) for p in ps)
     layout = workspace.constant(
-        (NAME, "layout", delta, tuple(tested), shapes, str(ps[0].device)),
-        lambda: _layout(delta, ps, tested),
+        (NAME, "layout", delta, tuple(tested), tuple(windows), shapes, str(ps[0].device)),
+        lambda: _layout(delta, ps, tested, windows),
     )
     key = (NAME, "addresses", tuple(t.data_ptr() for ts in arrays for t in ts))
     return layout, workspace.constant(key, lambda: _addresses(arrays))
@@ -267,9 +322,18 @@ def _amp_tensors(step: Step, device: torch.device) -> tuple[Tensor, Tensor]:
 def step_(step: Step, batch: Batch, workspace: Workspace | None) -> None:
     """AdamP's or SGDP's step of ``batch`` (tensors of one device and dtype), in place.
 
-    While ``torch.compile`` traces the step, the kernels are called through the custom op
-    ``torch.ops.adampx.triton_step`` (:mod:`adampx.backends.triton.op`), which the compiled
-    graph calls as it is; eagerly, directly."""
+    FSDP2's sharded params (DTensors on a 1-D mesh) are stepped on their local shards, the
+    rows' sums and dots all-reduced between the passes (two collectives); whole tensors of
+    the same batch in a launch of their own. While ``torch.compile`` traces the step, the
+    kernels are called through the custom op ``torch.ops.adampx.triton_step``
+    (:mod:`adampx.backends.triton.op`), which the compiled graph calls as it is; eagerly,
+    directly."""
+    sharded = [k for k, p in enumerate(batch.ps) if _is_sharded(p)]
+    if sharded and len(sharded) < len(batch.ps):
+        whole = [k for k in range(len(batch.ps)) if k not in set(sharded)]
+        step_(step, batch.select(whole), workspace)
+        step_(step, batch.select(sharded), workspace)
+        return
     like = batch.ps[0]
     adam = step.optimizer == "adamp"
     grad_scale, found_inf = _amp_tensors(step, like.device) if step.amp else (None, None)
@@ -297,9 +361,10 @@ def step_(step: Step, batch: Batch, workspace: Workspace | None) -> None:
         delta=step.delta,
     )
     tested, _ = step.split(batch.params)
+    local = _local if sharded else list
     arrays = _Arrays(
-        list(batch.ps), list(batch.gs), list(batch.states[0]),
-        list(batch.states[1]) if adam else [], list(batch.steps),
+        local(batch.ps), local(batch.gs), local(batch.states[0]),
+        local(batch.states[1]) if adam else [], list(batch.steps),
     )  # fmt: skip
     lr_t = step.lr if lr_tensor and isinstance(step.lr, Tensor) else None
     decay_t = step.decay if lr_tensor and isinstance(step.decay, Tensor) else None
@@ -311,9 +376,11 @@ def step_(step: Step, batch: Batch, workspace: Workspace | None) -> None:
             grad_scale, found_inf,
         )  # fmt: skip
     else:
+        windows = [window(batch.ps[k], arrays.ps[k]) for k in tested]
+        group = like.device_mesh.get_group() if sharded else None  # type: ignore[attr-defined]
         mode, statistics = launch(
             arrays, tested, scalars, adam, step.nesterov, lr_t, decay_t, grad_scale,
-            found_inf, workspace,
+            found_inf, workspace, windows, group,
         )  # fmt: skip
     if step.decisions is not None:
         for tt, k in enumerate(tested):
@@ -331,6 +398,15 @@ def step_(step: Step, batch: Batch, workspace: Workspace | None) -> None:
             )
 
 
+def _is_sharded(t: Tensor) -> bool:
+    return batched_projection_supported([t])
+
+
+def _local(tensors: list[Tensor]) -> list[Tensor]:
+    """The local shards of DTensors."""
+    return [t.to_local() for t in tensors]  # type: ignore[attr-defined]
+
+
 def launch(
     arrays: _Arrays,
     tested: list[int],
@@ -342,17 +418,24 @@ def launch(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     workspace: Workspace | None,
+    windows: list[Window] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The kernels' launches for one step (the counters already incremented); returns
     ``mode`` (per tested tensor: 1 channel view, 2 layer view, 0 none) and the statistics
-    ``[max cosine, layer cosine, ‖p‖, p·u]`` per tested tensor."""
+    ``[max cosine, layer cosine, ‖p‖, p·u]`` per tested tensor.
+
+    ``windows``: the rows each tested tensor has here (None: whole tensors); ``group``:
+    where the rows' sums and dots are all-reduced (FSDP2's shards; None: nowhere)."""
     from adampx.backends.triton import kernels
 
     like = arrays.ps[0]
-    layout, addresses = _kept_tables(arrays, tested, scalars.delta, workspace)
+    if windows is None:
+        windows = [window(arrays.ps[k], arrays.ps[k]) for k in tested]
+    whole_rows = int(all(w.length == w.full_length for w in windows))
+    layout, addresses = _kept_tables(arrays, tested, windows, scalars.delta, workspace)
     n_tensors, n_tested = len(arrays.ps), len(tested)
-    n_rows = int(layout.row_tensor.numel()) if n_tested else 0
-    n_chunks = int(layout.chunk_tensor.numel()) if n_tested < n_tensors else 0
+    n_rows, n_chunks, n_slots = layout.items, layout.chunks, layout.slots
     amp = grad_scale is not None or found_inf is not None
     if amp:  # both are given by step_
         assert grad_scale is not None and found_inf is not None
@@ -371,28 +454,40 @@ def launch(
         if n_tested
         else (torch.zeros(1, dtype=torch.int32, device=like.device))
     )
-    sums = like.new_empty(3 * max(n_rows, 1))
-    dots = like.new_empty(max(n_rows, 1))
+    # the rows' sums and dots, at their slots (zeros where another rank writes them)
+    blank = like.new_empty if group is None else like.new_zeros
+    sums = blank(3 * max(n_slots, 1))
+    dots = blank(max(n_slots, 1))
     if n_tested:
-        kernels.row_sums_kernel[(n_rows,)](
-            addresses.ptrs, n_tensors, layout.row_tensor, layout.row_start, layout.row_len,
-            sums, n_rows, grad_scale, **options, **scaled,
-        )  # fmt: skip
+        if n_rows:
+            kernels.row_sums_kernel[(n_rows,)](
+                addresses.ptrs, n_tensors, layout.row_tensor, layout.row_start, layout.row_len,
+                layout.row_slot, sums, n_slots, grad_scale, **options, **scaled,
+            )  # fmt: skip
+        if group is not None:
+            dist.all_reduce(sums, group=group)
         kernels.test_kernel[(n_tested,)](
-            sums, n_rows, layout.first_row, layout.rows, layout.thresholds, n_tested,
+            sums, n_slots, layout.first_row, layout.rows, layout.thresholds, n_tested,
             _bits(s.eps), mode, statistics[0], statistics[1], statistics[2], **options,
         )  # fmt: skip
-        kernels.dots_kernel[(n_rows,)](
-            addresses.ptrs, n_tensors, addresses.step_ptrs, layout.row_tensor, layout.row_start,
-            layout.row_len, layout.row_tested, mode, dots, _bits(s.beta1), _bits(s.beta2),
-            _bits(s.c1), _bits(s.eps), s.sign, grad_scale, **options, **direction, **scaled,
-        )  # fmt: skip
+        if n_rows:
+            kernels.dots_kernel[(n_rows,)](
+                addresses.ptrs, n_tensors, addresses.step_ptrs, layout.row_tensor,
+                layout.row_start, layout.row_len, layout.row_slot, layout.row_tested, mode,
+                dots, whole_rows, _bits(s.beta1), _bits(s.beta2), _bits(s.c1), _bits(s.eps),
+                s.sign, grad_scale, **options, **direction, **scaled,
+            )  # fmt: skip
+        if group is not None:
+            dist.all_reduce(dots, group=group)
         kernels.layer_dots_kernel[(n_tested,)](
             layout.first_row, layout.rows, mode, dots, statistics[3], **options
         )
+    if n_rows + n_chunks == 0:  # a shard with nothing here
+        return mode, statistics
     kernels.update_kernel[(n_rows + n_chunks,)](
         addresses.ptrs, n_tensors, addresses.step_ptrs, lr_ptr, decay_ptr,
-        layout.row_tensor, layout.row_start, layout.row_len, layout.row_tested, n_rows,
+        layout.row_tensor, layout.row_start, layout.row_len, layout.row_slot,
+        layout.row_tested, n_rows, whole_rows,
         layout.chunk_tensor, layout.chunk_start, layout.chunk_len,
         sums, mode, statistics[2], dots, statistics[3],
         _bits(s.lr), _bits(s.decay), _bits(s.beta1), _bits(s.beta2), _bits(s.c1),

@@ -5,7 +5,11 @@
 A group's tensors are reached through a table of their addresses (``ptrs``: one row per
 array, p, g and the one or two state arrays, one column per tensor), never copied. The
 work is cut into items: the rows of the tested tensors (``[n0, N/n0]`` views, one item per
-row, so that a row's sums are one program's) and chunks of the untested tensors.
+row, so that a row's sums are one program's) and chunks of the untested tensors. A row's
+sums and dot go to its *slot* (``row_slot``) in vectors that hold every row of every
+tested tensor: the row's index for whole tensors; for the local shards of FSDP2 params,
+the row's global index, so that one all-reduce of those vectors completes every row
+(``whole_rows`` 0 where a shard holds part of each row: then no dot is taken in registers).
 
 Scalars arrive as the bits of a double in an int64 (:func:`_f64`), so that an fp64 step
 computes with the hyperparameters' exact values (Triton passes Python floats as fp32).
@@ -165,11 +169,12 @@ def _corrections(step_ptrs, t, beta1, beta2, ADAM: tl.constexpr, FP64: tl.conste
 
 @triton.jit
 def row_sums_kernel(
-    ptrs, T, row_tensor, row_start, row_len, sums, R, grad_scale_ptr,
+    ptrs, T, row_tensor, row_start, row_len, row_slot, sums, S, grad_scale_ptr,
     BLOCK: tl.constexpr, FP64: tl.constexpr, AMP: tl.constexpr,
 ):  # fmt: skip
-    """Per tested row: ``‖p_i‖²``, ``‖g_i‖²``, ``p_i·g_i`` into ``sums[0..2, i]``."""
+    """Per tested row: ``‖p_i‖²``, ``‖g_i‖²``, ``p_i·g_i`` into ``sums[0..2, slot]``."""
     r = tl.program_id(0)
+    slot = tl.load(row_slot + r)
     t = tl.load(row_tensor + r)
     start = tl.load(row_start + r)
     n = tl.load(row_len + r)
@@ -190,15 +195,15 @@ def row_sums_kernel(
         pp += p * p
         gg += g * g
         gp += p * g
-    tl.store(sums + r, tl.sum(pp, 0))
-    tl.store(sums + R + r, tl.sum(gg, 0))
-    tl.store(sums + 2 * R + r, tl.sum(gp, 0))
+    tl.store(sums + slot, tl.sum(pp, 0))
+    tl.store(sums + S + slot, tl.sum(gg, 0))
+    tl.store(sums + 2 * S + slot, tl.sum(gp, 0))
 
 
 @triton.jit
 def test_kernel(
     sums,
-    R,
+    S,
     first_row,
     rows,
     thresholds,
@@ -228,8 +233,8 @@ def test_kernel(
     for offset in range(0, n, BLOCK):
         mask = offset + lanes < n
         row_pp = tl.load(sums + first + offset + lanes, mask=mask, other=0)
-        row_gg = tl.load(sums + R + first + offset + lanes, mask=mask, other=0)
-        row_gp = tl.load(sums + 2 * R + first + offset + lanes, mask=mask, other=0)
+        row_gg = tl.load(sums + S + first + offset + lanes, mask=mask, other=0)
+        row_gp = tl.load(sums + 2 * S + first + offset + lanes, mask=mask, other=0)
         p_norm = tl.maximum(tl.sqrt(row_pp), eps)
         g_norm = tl.maximum(tl.sqrt(row_gg), eps)
         cosine = tl.abs(row_gp) / (p_norm * g_norm)
@@ -260,9 +265,11 @@ def dots_kernel(
     row_tensor,
     row_start,
     row_len,
+    row_slot,
     row_tested,
     mode,
     dots,
+    whole_rows,
     beta1_bits,
     beta2_bits,
     c1_bits,
@@ -276,15 +283,16 @@ def dots_kernel(
     AMP: tl.constexpr,
 ):
     """Per row of a projected tensor, ``p_i·u_i`` with ``u`` the direction the update pass
-    will form (computed here from the state before the step, which stays unwritten); not
-    for rows projected per row that fit in a block (the update pass takes theirs)."""
+    will form (computed here from the state before the step, which stays unwritten), into
+    ``dots[slot]``; not for whole rows projected per row that fit in a block (the update
+    pass takes theirs)."""
     r = tl.program_id(0)
     tt = tl.load(row_tested + r)
     view = tl.load(mode + tt)
     n = tl.load(row_len + r)
     if view == 0:
         return
-    if view == 1 and n <= BLOCK:  # the update pass takes its dot in registers
+    if view == 1 and n <= BLOCK and whole_rows != 0:  # the update takes it in registers
         return
     t = tl.load(row_tensor + r)
     start = tl.load(row_start + r)
@@ -301,7 +309,7 @@ def dots_kernel(
             beta2, c1, sqrt_bc2, eps, ADAM, NESTEROV, AMP,
         )  # fmt: skip
         total += tl.where(mask, p * u, 0)
-    tl.store(dots + r, tl.sum(total, 0))
+    tl.store(dots + tl.load(row_slot + r), tl.sum(total, 0))
 
 
 @triton.jit
@@ -338,8 +346,10 @@ def update_kernel(
     row_tensor,
     row_start,
     row_len,
+    row_slot,
     row_tested,
     R,
+    whole_rows,
     chunk_tensor,
     chunk_start,
     chunk_len,
@@ -391,12 +401,13 @@ def update_kernel(
         t = tl.load(row_tensor + item)
         start = tl.load(row_start + item)
         n = tl.load(row_len + item)
+        slot = tl.load(row_slot + item)
         view = tl.load(mode + tl.load(row_tested + item))
         if view == 1:
-            norm = tl.sqrt(tl.load(sums + item)) + eps
+            norm = tl.sqrt(tl.load(sums + slot)) + eps
             radial = norm * norm
-            if n > BLOCK:
-                coefficient = tl.load(dots + item) / radial
+            if n > BLOCK or whole_rows == 0:
+                coefficient = tl.load(dots + slot) / radial
         elif view == 2:
             norm = tl.load(p_whole + tl.load(row_tested + item)) + eps
             coefficient = tl.load(layer + tl.load(row_tested + item)) / (norm * norm)
@@ -414,7 +425,7 @@ def update_kernel(
     p_ptr, g_ptr, s1_ptr, s2_ptr = _arrays(ptrs, T, t, FP64)
     scale = _grad_scale(grad_scale_ptr, FP64, AMP)
     lanes = tl.arange(0, BLOCK)
-    if view == 1 and n <= BLOCK:  # a row in registers: its dot p·u here, no second read
+    if view == 1 and n <= BLOCK and whole_rows != 0:  # a row in registers: p·u taken here
         mask = lanes < n
         at = start + lanes
         p, g, s1, s2, u = _load_direction(
