@@ -1133,6 +1133,31 @@ def test_route_of_cuda_tensors(
     assert chosen == {"cpu": [0], ("triton" if takes_triton else eager_math): [1]}
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "gradient-strides"])
+def test_cuda_tensors_triton_cannot_take_get_the_eager_math(
+    layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A channels_last CUDA weight, or one whose gradient's strides differ from its own:
+    the Triton kernels take contiguous tensors only, so the routing gives them the eager
+    math (which steps any layout), not an error."""
+    monkeypatch.setattr(triton, "INSTALLED", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    step, _ = _cpu_and_cuda_batch("adamp")
+    param = nn.Parameter(torch.randn(4, 3, 2, 2, dtype=torch.float64))
+    p = param.detach()
+    g = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    if layout == "channels_last":
+        p, g = (t.contiguous(memory_format=torch.channels_last) for t in (p, g))
+    else:
+        g = g.transpose(2, 3).contiguous().transpose(2, 3)
+    states = [[torch.zeros_like(p)], [torch.zeros_like(p)]]
+    batch = Batch([param], [p.as_subclass(_OnCuda)], [g], states, [step_tensor(param)])
+    assert triton.takes(param, batch.ps[0], g, [s[0] for s in states], None) is not None
+    routes = plan.route(step, batch, foreach_flag=None, fused=None, workspace=Workspace())
+    eager_math = plan.eager_math(None, batch.params).NAME
+    assert [(backend.NAME, indices) for backend, indices in routes] == [(eager_math, [0])]
+
+
 @pytest.mark.parametrize(
     ("installed", "on_cuda", "group", "expected"),
     [

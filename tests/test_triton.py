@@ -395,6 +395,26 @@ def test_new_gradients_rebuild_only_the_address_table(monkeypatch: pytest.Monkey
     assert built == {"_layout": 2, "_addresses": 3}
 
 
+def test_a_step_where_some_gradients_are_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Params without a gradient keep their state and are left out of that step's tables
+    (a layout of its own, rebuilt when they come back); the steps equal the eager math's."""
+    built = count_builds(monkeypatch)
+    params, expected = make_params(), make_params()
+    opt = make_opt(AdamP, CONFIGS["adamp"][1], params)
+    reference = make_opt(AdamP, CONFIGS["adamp"][1], expected)
+    for k in range(4):
+        for i, (p, q, g) in enumerate(zip(params, expected, gradients(params, k), strict=True)):
+            frozen = k in (1, 2) and i in (0, 4, 7)  # a channel, a layer and an untested one
+            p.grad, q.grad = (None, None) if frozen else (g.clone(), g.clone())
+        with backends.force("triton"):
+            opt.step()
+        with backends.force("eager"):
+            reference.step()
+    assert_close(params, expected, **F64)
+    assert float(opt.state[params[0]]["step"]) == 2 and float(opt.state[params[1]]["step"]) == 4
+    assert built["_layout"] == 2  # all params, then the step without the frozen ones
+
+
 # ----------------------------------------------------------------------- GradScaler
 
 
