@@ -70,17 +70,12 @@ class Model(nn.Module):
         return self.head(torch.relu(self.ln(self.wide(x))))
 
 
-def make_model(channels_last: bool = True) -> Model:
+def make_model() -> Model:
+    """The test model, its conv weight channels_last."""
     torch.manual_seed(0)
     model = Model().double()
-    if channels_last:
-        model.conv.to(memory_format=torch.channels_last)
+    model.conv.to(memory_format=torch.channels_last)
     return model
-
-
-# The backends that step contiguous tensors only: forced, they refuse a channels_last weight
-# (by default such a weight takes another backend).
-CONTIGUOUS_ONLY = {"triton"}
 
 
 def train(model: Model, opt: torch.optim.Optimizer, steps: int = 5) -> None:
@@ -146,20 +141,14 @@ def test_backend_lands_where_the_eager_math_lands(
 ) -> None:
     """Five float64 steps of each available backend equal the eager math's, state included;
     the projection fired (the parity is not AdamW's or SGD's), and the forced backend stepped
-    every param. Backends that do not run the options refuse them, naming the option; those
-    that step contiguous tensors only refuse the channels_last conv weight, and train a
-    contiguous copy of the model."""
+    every param (a channels_last conv weight among them). Backends that do not run the
+    options refuse them, naming the option."""
     cls, hyper = CONFIGS[config]
-    channels_last = name not in CONTIGUOUS_ONLY
-    if not channels_last:
-        model = make_model(channels_last=True)
-        with backends.force(name), pytest.raises(ValueError, match=r"(8, 3, 3, 3).*contiguous"):
-            train(model, make_opt(cls, hyper, model.parameters()), 1)
     with backends.force("eager"):
-        expected = make_model(channels_last)
+        expected = make_model()
         opt_expected = make_opt(cls, hyper, expected.parameters())
         train(expected, opt_expected)
-    model = make_model(channels_last)
+    model = make_model()
     opt = make_opt(cls, hyper, model.parameters())
     with backends.force(name):
         if refused(name, cls, hyper):
@@ -175,7 +164,7 @@ def test_backend_lands_where_the_eager_math_lands(
             actual = opt.state[p][state_key]
             torch.testing.assert_close(actual, value, **F64, msg=lambda m, k=key: f"{k}: {m}")
     # without the projection (delta = 0) the conv weight would be elsewhere
-    plain = make_model(channels_last)
+    plain = make_model()
     with backends.force("eager"):
         train(plain, make_opt(cls, {**hyper, "delta": 0.0}, plain.parameters()))
     assert not torch.allclose(plain.conv.weight, expected.conv.weight, rtol=1e-6, atol=0)

@@ -428,3 +428,56 @@ def test_triton_kernels_on_fsdp2_shards_equal_one_process(
         assert views == ref_views, name
     fired = [v for step in ref_views for v in step.values()]
     assert "channel" in fired and "layer" in fired  # the comparison is not vacuous
+
+
+def _two_meshes_worker(rank: int, world: int, store: str, out: str) -> None:
+    """One group with shards on two meshes: a weight sharded over both ranks, and an
+    "expert" on a one-rank mesh of its own, different on each rank."""
+    import adampx
+    from adampx.backends import triton
+
+    triton.BLOCK, triton.CHUNK = 16, 40
+    with gloo(rank, world, store):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "ep"))
+        gen = torch.Generator().manual_seed(0)
+        shared, shared_grad = (torch.randn(6, 5, generator=gen, dtype=torch.float64) for _ in "ab")
+        gen.manual_seed(100 + rank)
+        expert = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+        expert_grad = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+        # orthogonal to the expert's rows: its channel view fires
+        dots = (expert_grad * expert).sum(1, keepdim=True)
+        expert_grad -= dots / (expert * expert).sum(1, keepdim=True) * expert
+        results = {}
+        for backend in ("eager", "triton"):
+            a = nn.Parameter(distribute_tensor(shared.clone(), mesh["dp"], [Shard(0)]))
+            b = nn.Parameter(DTensor.from_local(expert.clone(), mesh["ep"], [Shard(0)]))
+            a.grad = distribute_tensor(shared_grad.clone(), mesh["dp"], [Shard(0)])
+            b.grad = DTensor.from_local(expert_grad.clone(), mesh["ep"], [Shard(0)])
+            opt = AdamP([a, b], lr=0.1, weight_decay=0.1, track_statistics=True)
+            with adampx.backends.force(backend):
+                opt.step()
+            views = [s.view for s in opt.statistics()]
+            results[backend] = ([a.to_local().clone(), b.to_local().clone()], views)
+        torch.save(results, f"{out}.{rank}")
+    os._exit(0)  # see gloo
+
+
+def test_triton_kernels_reduce_each_mesh_over_its_own_group(tmp_path: Path) -> None:
+    """Shards of two device meshes in one param group (as expert parallelism makes them):
+    each mesh's rows are all-reduced over that mesh's group, and the step equals the eager
+    math's (DTensor's own collectives) on every rank."""
+    from adampx.backends import triton
+
+    if not triton.runs_here():
+        pytest.skip("the test extra installs triton on Linux x86_64 only")
+    out, store = str(tmp_path / "meshes"), str(tmp_path / "meshes.store")
+    mp.spawn(_two_meshes_worker, args=(2, store, out), nprocs=2, join=True)
+    for rank in range(2):
+        results = torch.load(f"{out}.{rank}", weights_only=False)
+        (eager, eager_views), (ours, views) = results["eager"], results["triton"]
+        for a, b in zip(ours, eager, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        assert views == eager_views and "channel" in views, views

@@ -1119,6 +1119,7 @@ def test_route_of_cuda_tensors(
     and functional calls without a workspace keep the eager math. CPU tensors take ``cpu``
     either way."""
     monkeypatch.setattr(triton, "INSTALLED", True)
+    monkeypatch.setattr(triton, "ready", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     step, batch = _cpu_and_cuda_batch(name)
     workspace = Workspace() if kept else None
@@ -1133,21 +1134,23 @@ def test_route_of_cuda_tensors(
     assert chosen == {"cpu": [0], ("triton" if takes_triton else eager_math): [1]}
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "gradient-strides"])
+@pytest.mark.parametrize("layout", ["transposed", "gradient-strides"])
 def test_cuda_tensors_triton_cannot_take_get_the_eager_math(
     layout: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A channels_last CUDA weight, or one whose gradient's strides differ from its own:
-    the Triton kernels take contiguous tensors only, so the routing gives them the eager
-    math (which steps any layout), not an error."""
+    """A transposed CUDA weight (its rows not blocks of memory), or one whose gradient's
+    strides differ from its own: the Triton kernels take contiguous and channels_last
+    tensors laid out alike only, so the routing gives these the eager math (which steps
+    any layout), not an error."""
     monkeypatch.setattr(triton, "INSTALLED", True)
+    monkeypatch.setattr(triton, "ready", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     step, _ = _cpu_and_cuda_batch("adamp")
     param = nn.Parameter(torch.randn(4, 3, 2, 2, dtype=torch.float64))
     p = param.detach()
     g = torch.randn(4, 3, 2, 2, dtype=torch.float64)
-    if layout == "channels_last":
-        p, g = (t.contiguous(memory_format=torch.channels_last) for t in (p, g))
+    if layout == "transposed":
+        p, g = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (p, g))
     else:
         g = g.transpose(2, 3).contiguous().transpose(2, 3)
     states = [[torch.zeros_like(p)], [torch.zeros_like(p)]]
@@ -1180,6 +1183,7 @@ def test_grad_scaler_is_handed_to_the_step_where_triton_steps(
     a group's CUDA tensors take ``triton`` by default, and under ``force("triton")``; else
     False, so that GradScaler unscales and skips as for any optimizer."""
     monkeypatch.setattr(triton, "INSTALLED", installed)
+    monkeypatch.setattr(triton, "ready", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: installed or on_cuda)
     weight = nn.Parameter(torch.randn(4, 3))
     params = [weight.detach().as_subclass(_OnCuda)] if on_cuda else [weight]

@@ -195,6 +195,25 @@ def test_index_cache_is_bounded() -> None:
     assert len(workspace._constants) == Workspace.CONSTANTS
 
 
+def test_constants_in_use_are_kept_whatever_their_number() -> None:
+    """Steps that each use more constants than the bound (a model of many param groups)
+    build them once; once they are no longer used, the bound drops the oldest."""
+    workspace = Workspace()
+    built: list[int] = []
+    many = Workspace.CONSTANTS + 50
+    for _ in range(3):
+        workspace.start_step()
+        for n in range(many):
+            workspace.constant(("table", n), lambda n=n: built.append(n) or n)  # type: ignore[func-returns-value]
+    assert len(built) == many  # the first step only
+    for _ in range(2):  # two steps that use other constants
+        workspace.start_step()
+        for n in range(10):
+            workspace.constant(("other", n), lambda: 0)
+    assert len(workspace._constants) == Workspace.CONSTANTS
+    assert ("other", 9) in workspace._constants and ("table", 0) not in workspace._constants
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_one_element_lr_tensor_of_any_shape(name: str) -> None:
     """``lr=torch.tensor([0.1])`` steps as ``lr=0.1`` (the ``cpu`` backend, SGDP's decay

@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -30,6 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import adampx
 from adampx import SGDP, AdamP, backends
+from adampx.util.workspace import Workspace
+from test_fast_paths import _OnCuda
 from test_parity_reference import spy
 
 if not backends.get("triton").runs_here():
@@ -288,13 +291,50 @@ def test_checkpoint_resumes_on_another_backend(config: str) -> None:
     assert_close(params, expected, **F64)
 
 
+@pytest.mark.parametrize("config", ["adamp", "sgdp-nesterov"])
+def test_channels_last_weights_are_stepped_in_place(config: str) -> None:
+    """channels_last weights (a 4-d weight's rows are still blocks of memory, in another
+    order inside) with channels_last gradients: the eager math's numbers, the layout kept."""
+    cls, hyper = CONFIGS[config]
+    results = []
+    for backend in ("eager", "triton"):
+        gen = torch.Generator().manual_seed(5)
+        shapes = [(4, 3, 2, 2), (3, 20, 1, 1), (2, 5, 3, 3)]
+        params = [
+            nn.Parameter(
+                torch.randn(s, generator=gen, dtype=torch.float64).to(
+                    memory_format=torch.channels_last
+                )
+            )
+            for s in shapes
+        ]
+        opt = make_opt(cls, hyper, params)
+        for k in range(3):
+            for p, g in zip(params, gradients_for(params, k), strict=True):
+                p.grad = g.contiguous(memory_format=torch.channels_last)
+            with backends.force(backend):
+                opt.step()
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in params)
+        results.append(params)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **F64)
+
+
+def gradients_for(params: list[Tensor], seed: int) -> list[Tensor]:
+    """Gradients orthogonal to every row of each param (the channel view fires)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [_radial_free(torch.randn(p.shape, generator=gen, dtype=p.dtype), p.detach())
+            for p in params]  # fmt: skip
+
+
 def test_tensors_it_cannot_take_are_refused_when_forced() -> None:
-    """A channels_last weight (rows not contiguous) or an empty tensor is an error under
-    ``force("triton")``; the default routing never sends CPU tensors to Triton."""
-    weight = nn.Parameter(torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last))
-    weight.grad = torch.randn_like(weight)
+    """A weight whose gradient has another layout (a transposed one) or an empty tensor is
+    an error under ``force("triton")``; the default routing never sends CPU tensors to
+    Triton."""
+    weight = nn.Parameter(torch.randn(4, 3, 2, 2))
+    weight.grad = torch.randn(4, 3, 2, 2).transpose(2, 3).contiguous().transpose(2, 3)
     opt = AdamP([weight], lr=1e-2)
-    with backends.force("triton"), pytest.raises(ValueError, match=r"'triton'.*contiguous"):
+    with backends.force("triton"), pytest.raises(ValueError, match=r"'triton'.*layout"):
         opt.step()
     empty = nn.Parameter(torch.zeros(0, 3))
     empty.grad = torch.zeros(0, 3)
@@ -620,3 +660,44 @@ def test_a_compiled_step_calls_the_kernels_through_the_custom_op(
             reference.step()
     assert len(launches) == 3
     assert_close(params, expected, **F64)
+
+
+# -------------------------------------------------------------------- the start-up probe
+
+
+def test_the_probe_runs_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ready()``'s probe (one AdamP step of a 2×2 tensor) passes where the kernels run
+    (here: in the interpreter, on the CPU)."""
+    monkeypatch.setattr(triton_backend, "_probe_device", lambda: torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert triton_backend.ready.__wrapped__() is True
+
+
+def test_kernels_that_do_not_run_are_one_warning_and_the_eager_math(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the probe fails (a GPU or compiler Triton cannot use), one RuntimeWarning
+    names the error, and CUDA tensors take the eager math: routing checks ``ready()``."""
+    from adampx.backends import plan
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("no compiler for the launcher")
+
+    monkeypatch.setattr(triton_backend, "_probe_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(triton_backend, "launch", broken)
+    with pytest.warns(RuntimeWarning, match="no compiler for the launcher") as caught:
+        assert triton_backend.ready.__wrapped__() is False
+    assert len(caught) == 1
+    monkeypatch.setattr(triton_backend, "INSTALLED", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(triton_backend, "ready", lambda: False)
+    step = adampx.algorithm.spec.Step(
+        optimizer="adamp", lr=1e-2, eps=1e-8, weight_decay=0.0, delta=0.1, wd_ratio=0.1,
+        nesterov=False, maximize=False, projection=True,
+    )  # fmt: skip
+    on_cuda = torch.zeros(2, 2).as_subclass(_OnCuda)
+    chain, _ = plan.chain(
+        step, foreach_flag=None, fused=None, workspace=Workspace(), tensors=[on_cuda]
+    )
+    assert triton_backend not in chain

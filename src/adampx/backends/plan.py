@@ -103,10 +103,11 @@ def chain(
         if cpu_kernel.supports(step) is None and cpu_kernel.ready():
             tried.append(cpu_kernel)
     if _cuda_default(foreach_flag, fused, workspace, tensors):
-        if triton.default_on_cuda():
+        if not triton.default_on_cuda():
+            if tensors is not None:
+                _warn_no_triton()
+        elif tensors is None or triton.ready():  # (ready warns where they do not run)
             tried.append(triton)  # CUDA tensors only (see route)
-        elif tensors is not None:
-            _warn_no_triton()
     return tried, False
 
 
@@ -162,12 +163,13 @@ def takes_grad_scaler(groups: Iterable[dict[str, Any]]) -> bool:
         return imposed is triton
     if not triton.default_on_cuda():
         return False
-    return any(
+    uses_triton = any(
         group.get("fused") is None
         and group.get("foreach") is not False
         and any(isinstance(p, Tensor) and p.is_cuda for p in group["params"])
         for group in groups
     )
+    return uses_triton and triton.ready()
 
 
 def eager_math(foreach_flag: bool | None, params: list[Tensor]) -> ModuleType:

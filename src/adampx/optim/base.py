@@ -98,6 +98,8 @@ class ProjectedOptimizer(CheckpointLoading):
         loss = self._evaluate(closure)
         if self._flattening is not None and not torch.compiler.is_compiling():
             self._flattening.check_if_replaced(self.param_groups)  # DeepSpeed's replacements
+        if not torch.compiler.is_compiling():  # (a counter the compiler would guard on)
+            self._workspace.start_step()
         tracking = any(group["track_statistics"] for group in self.param_groups)
         found_inf = getattr(self, "found_inf", None)
         if tracking and found_inf is not None and found_inf.item() != 0:

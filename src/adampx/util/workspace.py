@@ -28,19 +28,28 @@ class Workspace:
     kernels' diagonal patterns for their row dot products).
     """
 
-    # The most recent constants kept. A CUDA step uses two small tables per device, dtype
-    # and param group (the ``triton`` backend's layout and addresses); a CPU step two per
-    # chunk of small tensors (its row sums and index tensors) and one diagonal pattern per
-    # distinct row count of its tested tensors and of AdamP's row blocks (about 30 on
-    # ResNet-50). So this bound only drops what the recent steps no longer use (params that
-    # got no gradient, say); past it, a step rebuilds what it needs.
+    # Constants are kept while recent steps use them, whatever their number, and beyond
+    # this bound the least recently used ones that the last two steps did not use are
+    # dropped (params that got no gradient, shapes that changed). A CUDA step uses two
+    # small tables per device, dtype and param group (the ``triton`` backend's layout and
+    # addresses); a CPU step two per chunk of small tensors and one diagonal pattern per
+    # distinct row count (about 30 on ResNet-50). Without steps (a functional call's own
+    # workspace, never told of a step) the bound is a plain LRU bound.
     CONSTANTS = 256
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype, str], Tensor] = {}
         self._constants: dict[Hashable, Any] = {}
-        # replaced device buffers stay alive: a CUDA graph captured earlier may still use them
+        self._used: dict[Hashable, int] = {}  # the step each constant was last used in
+        self._step = 0
+        # replaced or dropped device tensors stay alive: a CUDA graph captured earlier may
+        # still use them
         self._retired: list[Tensor] = []
+
+    def start_step(self) -> None:
+        """Mark the start of an optimizer step (constants used in this step or the last one
+        are never dropped)."""
+        self._step += 1
 
     def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A flat buffer of ``numel`` elements (a view of the kept one)."""
@@ -54,13 +63,20 @@ class Workspace:
         return buffer[:numel]
 
     def constant(self, key: Hashable, build: Callable[[], T]) -> T:
-        """``build()``, made once per ``key`` and kept (the most recent :data:`CONSTANTS`)."""
+        """``build()``, made once per ``key`` and kept while in use (see :data:`CONSTANTS`)."""
         if key in self._constants:
             self._constants[key] = self._constants.pop(key)  # now the most recent
         else:
             self._constants[key] = build()
-            while len(self._constants) > self.CONSTANTS:
-                del self._constants[next(iter(self._constants))]
+        self._used[key] = self._step
+        while len(self._constants) > self.CONSTANTS:
+            oldest = next(iter(self._constants))
+            if self._step and self._used[oldest] >= self._step - 1:
+                break  # in use: the working set is larger than the bound
+            dropped = self._constants.pop(oldest)
+            del self._used[oldest]
+            values = dropped if isinstance(dropped, tuple) else (dropped,)
+            self._retired += [t for t in values if isinstance(t, Tensor) and not t.is_cpu]
         return cast(T, self._constants[key])
 
 

@@ -36,8 +36,10 @@ shards: each row's sums and dot go to its global slot, and the two vectors are
 all-reduced after the row-sum and the dot passes (two collectives per step, as
 :mod:`adampx.algorithm.sharded`); a rank with an empty shard still takes part.
 
-Takes contiguous float32/float64 tensors (half params through their float32 copies,
-complex ones through their real views, as every backend); every AdamP and SGDP option but
+Takes float32/float64 tensors, contiguous or channels_last (either way each row is one
+block of memory), whose gradient and state are laid out as the param (half params through
+their float32 copies, complex ones through their real views, as every backend); every
+AdamP and SGDP option but
 ``caution`` (the eager math takes cautious groups). The default for CUDA tensors where
 Triton is installed (:mod:`adampx.backends.plan`); on CPU tensors only through
 ``adampx.backends.force("triton")`` with ``TRITON_INTERPRET=1``.
@@ -45,9 +47,11 @@ Triton is installed (:mod:`adampx.backends.plan`); on CPU tensors only through
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import struct
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -58,7 +62,7 @@ from adampx.algorithm import caution
 from adampx.algorithm.projection import Decision, OneTensor
 from adampx.algorithm.sharded import batched_projection_supported
 from adampx.algorithm.spec import Step, lr_float
-from adampx.util.tensors import KERNEL_DTYPES, Batch, local_rows, row_shape
+from adampx.util.tensors import KERNEL_DTYPES, Batch, dense_layout, local_rows, row_shape
 from adampx.util.workspace import Workspace
 
 __all__ = ["BLOCK", "CHUNK", "NAME", "runs_here", "step_", "supports", "takes"]
@@ -88,8 +92,41 @@ def runs_here() -> bool:
 
 def default_on_cuda() -> bool:
     """Whether the routing gives CUDA tensors to these kernels by default (Triton is
-    importable and CUDA is available)."""
+    importable and CUDA is available; :func:`ready` then checks that they run)."""
     return INSTALLED and torch.cuda.is_available()
+
+
+def _probe_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@functools.cache
+def ready() -> bool:
+    """Whether the kernels compile and run here: one AdamP step of a 2×2 tensor on the
+    current CUDA device, once per process (its first step waits for it). A failure (no C
+    compiler for Triton's launcher, a GPU Triton does not support) is one RuntimeWarning,
+    and CUDA tensors then take the multi-tensor eager math."""
+    try:
+        device = _probe_device()
+        p, g = torch.ones(2, 2, device=device), torch.full((2, 2), 0.5, device=device)
+        state = [torch.zeros(2, 2, device=device) for _ in range(2)]
+        counter = torch.ones((), device=device)
+        scalars = Scalars(1e-3, 0.0, 0.9, 0.999, 0.1, 1e-8, 0.1, 1.0, 0.1)
+        arrays = _Arrays([p], [g], [state[0]], [state[1]], [counter])
+        launch(arrays, [0], scalars, True, False, None, None, None, None, None)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if not bool(torch.isfinite(p).all()) or bool((p == 1).all()):
+            raise RuntimeError("the probe step left the weights unchanged or not finite")
+    except Exception as exc:  # any failure means: do not use the kernels here
+        warnings.warn(
+            f"adampx: the Triton kernels do not run here ({type(exc).__name__}: {exc}); "
+            "CUDA tensors take the multi-tensor eager math instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 def supports(step: Step) -> str | None:
@@ -111,13 +148,17 @@ def takes(
         if not all(_is_sharded(t) and t.placements == p.placements for t in (g, *states)):  # type: ignore[attr-defined]
             return "it steps a sharded param whose gradient and state are sharded alike"
         p, g, states = p.to_local(), g.to_local(), _local(states)  # type: ignore[attr-defined]
-    elif type(param) not in (Tensor, torch.nn.Parameter) or type(g) is not Tensor:
-        return "it steps plain tensors and FSDP2's sharded params"
-    if p.dtype not in KERNEL_DTYPES or (p.numel() == 0 and not sharded):
-        return "it steps non-empty float32/float64 tensors (half ones through float32 copies)"
-    for t in (p, g, *states):
-        if not t.is_contiguous() or t.dtype != p.dtype or t.device != p.device:
-            return "it steps contiguous tensors whose gradient and state are alike"
+        if p.dtype not in KERNEL_DTYPES:
+            return "it steps float32/float64 tensors (half ones through float32 copies)"
+        for t in (p, g, *states):
+            if not t.is_contiguous() or t.dtype != p.dtype or t.device != p.device:
+                return "it steps shards whose gradient and state are contiguous and alike"
+    elif not dense_layout(param, p, g, *states) or any(t.device != p.device for t in (g, *states)):
+        # contiguous or channels_last: either way each row (dim 0) is one block of memory
+        return (
+            "it steps non-empty float32/float64 tensors (half ones through float32 copies) "
+            "whose gradient and state have the param's layout, contiguous or channels_last"
+        )
     if counter is not None and not (
         counter.dtype == torch.float32 and counter.dim() == 0 and counter.device == p.device
     ):
@@ -323,16 +364,21 @@ def step_(step: Step, batch: Batch, workspace: Workspace | None) -> None:
     """AdamP's or SGDP's step of ``batch`` (tensors of one device and dtype), in place.
 
     FSDP2's sharded params (DTensors on a 1-D mesh) are stepped on their local shards, the
-    rows' sums and dots all-reduced between the passes (two collectives); whole tensors of
-    the same batch in a launch of their own. While ``torch.compile`` traces the step, the
-    kernels are called through the custom op ``torch.ops.adampx.triton_step``
-    (:mod:`adampx.backends.triton.op`), which the compiled graph calls as it is; eagerly,
-    directly."""
+    rows' sums and dots all-reduced between the passes (two collectives per mesh); whole
+    tensors of the same batch, and each mesh's shards, in launches of their own. While
+    ``torch.compile`` traces the step, the kernels are called through the custom op
+    ``torch.ops.adampx.triton_step`` (:mod:`adampx.backends.triton.op`), which the compiled
+    graph calls as it is; eagerly, directly."""
     sharded = [k for k, p in enumerate(batch.ps) if _is_sharded(p)]
-    if sharded and len(sharded) < len(batch.ps):
+    meshes: dict[int, list[int]] = {}  # in the params' order: the same on every rank
+    for k in sharded:
+        meshes.setdefault(id(batch.ps[k].device_mesh), []).append(k)  # type: ignore[attr-defined]
+    if sharded and (len(sharded) < len(batch.ps) or len(meshes) > 1):
         whole = [k for k in range(len(batch.ps)) if k not in set(sharded)]
-        step_(step, batch.select(whole), workspace)
-        step_(step, batch.select(sharded), workspace)
+        if whole:
+            step_(step, batch.select(whole), workspace)
+        for indices in meshes.values():  # each mesh's rows reduced over its own group
+            step_(step, batch.select(indices), workspace)
         return
     like = batch.ps[0]
     adam = step.optimizer == "adamp"
