@@ -518,6 +518,24 @@ def test_grad_scaler_is_taken_in_the_kernels(config: str, dtype: torch.dtype) ->
             assert torch.equal(opt.state_dict()["state"][key][name], value), (key, name)
 
 
+def test_the_test_sees_unscaled_gradients() -> None:
+    """Gradients below ``eps`` in norm, along the weights: unscaled, the test clamps their
+    norm to ``eps`` and passes (the eager math projects); scaled by 2^16 they would fail
+    it. The kernels test the unscaled gradients, so they decide as the eager math does."""
+    views = {}
+    for backend in ("eager", "triton"):
+        gen = torch.Generator().manual_seed(7)
+        weight = nn.Parameter(torch.randn(4, 10, generator=gen, dtype=torch.float64))
+        opt = AdamP([weight], lr=1e-2, delta=DELTA, track_statistics=True)
+        scale = 2.0**16
+        (scale * 1e-10 * (weight * weight.detach()).sum()).backward()  # g = 2e-10·w, scaled
+        opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)  # type: ignore[attr-defined]
+        with backends.force(backend):
+            opt.step()
+        views[backend] = [s.view for s in opt.statistics()]
+    assert views["triton"] == views["eager"] == ["channel"], views
+
+
 @pytest.mark.parametrize("found", [0.0, 1.0])
 def test_other_backends_unscale_or_skip_a_scaler_step(found: float) -> None:
     """The eager math given a scale and an inf flag (as the optimizer is when a GradScaler
