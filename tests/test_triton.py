@@ -518,6 +518,32 @@ def test_grad_scaler_is_taken_in_the_kernels(config: str, dtype: torch.dtype) ->
             assert torch.equal(opt.state_dict()["state"][key][name], value), (key, name)
 
 
+@pytest.mark.parametrize("config", ["adamp", "sgdp"])
+def test_grad_scaler_after_unscale_and_clipping(config: str) -> None:
+    """The usual clipping recipe (``scaler.unscale_(opt)``, ``clip_grad_norm_``,
+    ``scaler.step(opt)``): the scaler has unscaled the gradients, so it hands over only its
+    inf flag; three steps equal the eager math on the clipped unscaled gradients."""
+    cls, hyper = CONFIGS[config]
+    params, expected = make_params(), make_params()
+    opt = make_opt(cls, hyper, params)
+    reference = make_opt(cls, hyper, expected)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for k in range(3):
+        opt.zero_grad()
+        scaler.scale(scaled_loss(params, k)).backward()
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(params, max_norm=1.0)
+        with backends.force("triton"):
+            scaler.step(opt)
+        scaler.update()
+        reference.zero_grad()
+        scaled_loss(expected, k).backward()
+        nn.utils.clip_grad_norm_(expected, max_norm=1.0)
+        with backends.force("eager"):
+            reference.step()
+    assert_close(params, expected, **F64)
+
+
 def test_the_test_sees_unscaled_gradients() -> None:
     """Gradients below ``eps`` in norm, along the weights: unscaled, the test clamps their
     norm to ``eps`` and passes (the eager math projects); scaled by 2^16 they would fail
@@ -575,7 +601,7 @@ COMPILE_ALL = textwrap.dedent(
              "row_tested", "chunk_tensor", "chunk_start", "chunk_len", "first_row", "rows"}
 
     def arg_type(name, fp):
-        if name in ("T", "R", "S", "TT", "whole_rows"):
+        if name in ("T", "R", "S", "TT", "whole_rows", "unscaled"):
             return "i32"
         if name.endswith("_bits"):
             return "i64"

@@ -342,22 +342,10 @@ def _kept_tables(
     return layout, workspace.constant(key, lambda: _addresses(arrays))
 
 
-def _amp_tensors(step: Step, device: torch.device) -> tuple[Tensor, Tensor]:
-    """A GradScaler step's scale and inf flag on ``device`` (float32; 1 and 0 for the one
-    not given), read by the kernels there, so nothing waits for the device."""
-    scale = step.grad_scale
-    found = step.found_inf
-    scale = (
-        scale.to(device, torch.float32, non_blocking=True)
-        if scale is not None
-        else torch.ones((), dtype=torch.float32, device=device)
-    )
-    found = (
-        found.to(device, torch.float32, non_blocking=True)
-        if found is not None
-        else torch.zeros((), dtype=torch.float32, device=device)
-    )
-    return scale, found
+def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    """A GradScaler's scale or inf flag as float32 on ``device`` (where the kernels read
+    it, so that nothing waits for the device)."""
+    return None if t is None else t.to(device, torch.float32, non_blocking=True)
 
 
 def step_(step: Step, batch: Batch, workspace: Workspace | None) -> None:
@@ -382,7 +370,7 @@ def step_(step: Step, batch: Batch, workspace: Workspace | None) -> None:
         return
     like = batch.ps[0]
     adam = step.optimizer == "adamp"
-    grad_scale, found_inf = _amp_tensors(step, like.device) if step.amp else (None, None)
+    grad_scale, found_inf = _on(step.grad_scale, like.device), _on(step.found_inf, like.device)
     if adam:
         if found_inf is not None:  # a skipped step does not count
             counted = 1 - (found_inf != 0).float()  # (a tensor list: no read on the host)
@@ -483,8 +471,12 @@ def launch(
     n_tensors, n_tested = len(arrays.ps), len(tested)
     n_rows, n_chunks, n_slots = layout.items, layout.chunks, layout.slots
     amp = grad_scale is not None or found_inf is not None
-    if amp:  # both are given by step_
-        assert grad_scale is not None and found_inf is not None
+    unscaled = int(grad_scale is not None)  # (after the scaler's unscale_(): only the flag)
+    if amp:
+        if grad_scale is None:
+            grad_scale = torch.ones((), dtype=torch.float32, device=like.device)
+        if found_inf is None:
+            found_inf = torch.zeros((), dtype=torch.float32, device=like.device)
     else:
         grad_scale = found_inf = like  # placeholders: read by the kernels only with AMP
     lr_ptr = lr_t if lr_t is not None else like
@@ -537,7 +529,7 @@ def launch(
         layout.chunk_tensor, layout.chunk_start, layout.chunk_len,
         sums, mode, statistics[2], dots, statistics[3],
         _bits(s.lr), _bits(s.decay), _bits(s.beta1), _bits(s.beta2), _bits(s.c1),
-        _bits(s.eps), _bits(s.wd_ratio), s.sign, grad_scale, found_inf,
+        _bits(s.eps), _bits(s.wd_ratio), s.sign, grad_scale, found_inf, unscaled,
         LR_TENSOR=lr_t is not None, **options, **direction, **scaled,
     )  # fmt: skip
     return mode, statistics

@@ -18,8 +18,9 @@ thresholds (computed on the host, ``δ/√n`` once per shape), the decay factor 
 Adam's step size, each written once here for this language.
 
 With ``AMP`` (a ``torch.amp.GradScaler`` step), the gradients are divided by ``*grad_scale``
-as they are read, the update pass writes them back unscaled, and the update pass does
-nothing where ``*found_inf`` is not 0 (the sums and dots before it write only scratch).
+as they are read, the update pass writes them back unscaled (``unscaled``: not when the
+scaler has unscaled them already, its scale then 1), and the update pass does nothing where
+``*found_inf`` is not 0 (the sums and dots before it write only scratch).
 """
 
 from __future__ import annotations
@@ -117,12 +118,13 @@ def _load_direction(
 @triton.jit
 def _store_step(
     p_ptr, g_ptr, s1_ptr, s2_ptr, at, mask, p, g, s1, s2, u, keep, step_size, coefficient,
-    ADAM: tl.constexpr, AMP: tl.constexpr,
+    unscaled, ADAM: tl.constexpr, AMP: tl.constexpr,
 ):  # fmt: skip
-    """The block's new state, ``p ← p·keep − s·(u − c·p)``, and with ``AMP`` its unscaled
-    gradient."""
+    """The block's new state, ``p ← p·keep − s·(u − c·p)``, and with ``AMP`` and
+    ``unscaled`` (a scale was given) its unscaled gradient."""
     if AMP:
-        tl.store(g_ptr + at, g, mask=mask)
+        if unscaled != 0:
+            tl.store(g_ptr + at, g, mask=mask)
     tl.store(s1_ptr + at, s1, mask=mask)
     if ADAM:
         tl.store(s2_ptr + at, s2, mask=mask)
@@ -368,6 +370,7 @@ def update_kernel(
     sign,
     grad_scale_ptr,
     found_inf_ptr,
+    unscaled,
     BLOCK: tl.constexpr,
     FP64: tl.constexpr,
     ADAM: tl.constexpr,
@@ -434,7 +437,7 @@ def update_kernel(
         )  # fmt: skip
         coefficient = tl.sum(tl.where(mask, p * u, 0), 0) / radial
         _store_step(p_ptr, g_ptr, s1_ptr, s2_ptr, at, mask, p, g, s1, s2, u, keep, step_size,
-                    coefficient, ADAM, AMP)  # fmt: skip
+                    coefficient, unscaled, ADAM, AMP)  # fmt: skip
     else:
         for offset in range(0, n, BLOCK):
             mask = offset + lanes < n
@@ -444,4 +447,4 @@ def update_kernel(
                 sqrt_bc2, eps, ADAM, NESTEROV, AMP,
             )  # fmt: skip
             _store_step(p_ptr, g_ptr, s1_ptr, s2_ptr, at, mask, p, g, s1, s2, u, keep,
-                        step_size, coefficient, ADAM, AMP)  # fmt: skip
+                        step_size, coefficient, unscaled, ADAM, AMP)  # fmt: skip
