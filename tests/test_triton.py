@@ -127,6 +127,16 @@ def make_opt(cls: type, hyper: dict[str, Any], params: Any, **extra: Any) -> Any
     return cls(params, **{"delta": DELTA, **hyper, **extra})
 
 
+def twins(
+    config: str, dtype: torch.dtype = torch.float64
+) -> tuple[list[nn.Parameter], list[nn.Parameter], Any, Any]:
+    """Two copies of the params, each with its optimizer of ``config``: one for the
+    backend under test, one for the eager math."""
+    cls, hyper = CONFIGS[config]
+    params, expected = make_params(dtype), make_params(dtype)
+    return params, expected, make_opt(cls, hyper, params), make_opt(cls, hyper, expected)
+
+
 def train(opt: Any, params: list[Tensor], backend: str, steps: int = 3, start: int = 0) -> None:
     for k in range(start, start + steps):
         for p, g in zip(params, gradients(params, k), strict=True):
@@ -472,10 +482,7 @@ def test_grad_scaler_is_taken_in_the_kernels(config: str, dtype: torch.dtype) ->
     for fused optimizers): the steps equal the eager math's on unscaled gradients, the
     gradients are left unscaled, nothing is read on the host; a step with an inf gradient
     changes no param, state or step counter, and leaves its gradients as they were."""
-    cls, hyper = CONFIGS[config]
-    params, expected = make_params(dtype), make_params(dtype)
-    opt = make_opt(cls, hyper, params)
-    reference = make_opt(cls, hyper, expected)
+    params, expected, opt, reference = twins(config, dtype)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for k in range(3):
         opt.zero_grad()
@@ -523,10 +530,7 @@ def test_grad_scaler_after_unscale_and_clipping(config: str) -> None:
     """The usual clipping recipe (``scaler.unscale_(opt)``, ``clip_grad_norm_``,
     ``scaler.step(opt)``): the scaler has unscaled the gradients, so it hands over only its
     inf flag; three steps equal the eager math on the clipped unscaled gradients."""
-    cls, hyper = CONFIGS[config]
-    params, expected = make_params(), make_params()
-    opt = make_opt(cls, hyper, params)
-    reference = make_opt(cls, hyper, expected)
+    params, expected, opt, reference = twins(config)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     for k in range(3):
         opt.zero_grad()
