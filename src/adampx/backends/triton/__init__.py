@@ -39,10 +39,9 @@ all-reduced after the row-sum and the dot passes (two collectives per step, as
 Takes float32/float64 tensors, contiguous or channels_last (either way each row is one
 block of memory), whose gradient and state are laid out as the param (half params through
 their float32 copies, complex ones through their real views, as every backend); every
-AdamP and SGDP option but
-``caution`` (the eager math takes cautious groups). The default for CUDA tensors where
-Triton is installed (:mod:`adampx.backends.plan`); on CPU tensors only through
-``adampx.backends.force("triton")`` with ``TRITON_INTERPRET=1``.
+AdamP and SGDP option but ``caution`` (the eager math takes cautious groups). The default
+for CUDA tensors where Triton is installed (:mod:`adampx.backends.plan`); on CPU tensors
+only through ``adampx.backends.force("triton")`` with ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -189,8 +188,6 @@ class _Layout(NamedTuple):
     items: int  # R: the rows this rank steps
     chunks: int  # C
     thresholds: Tensor  # [2, TT]: δ/√(N/n0) and δ/√N, in the params' dtype
-    tested: list[int]  # the tested tensors' indices in the batch
-    threshold_values: list[tuple[float, float]]  # the same, as Python floats
 
 
 class _Addresses(NamedTuple):
@@ -305,8 +302,6 @@ def _layout(delta: float, ps: list[Tensor], tested: list[int], windows: list[Win
             [[c for c, _ in thresholds] or [0.0], [lay for _, lay in thresholds] or [0.0]],
             dtype=like.dtype,
         ).to(device, non_blocking=True),
-        tested=tested,
-        threshold_values=thresholds,
     )
 
 

@@ -156,6 +156,13 @@ def _direction(
 
 
 @triton.jit
+def _in_registers(view, n, whole_rows, BLOCK: tl.constexpr):
+    """Whether a row's ``p·u`` is taken in registers by the update pass (a whole row of at
+    most a block, projected per row) rather than by the dot pass: the one rule both follow."""
+    return view == 1 and n <= BLOCK and whole_rows != 0
+
+
+@triton.jit
 def _corrections(step_ptrs, t, beta1, beta2, ADAM: tl.constexpr, FP64: tl.constexpr):
     """AdamP: ``1 − β1^t`` and ``√(1 − β2^t)`` for tensor ``t``'s step count (incremented
     before the launch); SGDP: ones."""
@@ -294,7 +301,7 @@ def dots_kernel(
     n = tl.load(row_len + r)
     if view == 0:
         return
-    if view == 1 and n <= BLOCK and whole_rows != 0:  # the update takes it in registers
+    if _in_registers(view, n, whole_rows, BLOCK):  # the update pass takes it
         return
     t = tl.load(row_tensor + r)
     start = tl.load(row_start + r)
@@ -409,7 +416,7 @@ def update_kernel(
         if view == 1:
             norm = tl.sqrt(tl.load(sums + slot)) + eps
             radial = norm * norm
-            if n > BLOCK or whole_rows == 0:
+            if not _in_registers(view, n, whole_rows, BLOCK):
                 coefficient = tl.load(dots + slot) / radial
         elif view == 2:
             norm = tl.load(p_whole + tl.load(row_tested + item)) + eps
@@ -428,7 +435,7 @@ def update_kernel(
     p_ptr, g_ptr, s1_ptr, s2_ptr = _arrays(ptrs, T, t, FP64)
     scale = _grad_scale(grad_scale_ptr, FP64, AMP)
     lanes = tl.arange(0, BLOCK)
-    if view == 1 and n <= BLOCK and whole_rows != 0:  # a row in registers: p·u taken here
+    if _in_registers(view, n, whole_rows, BLOCK):  # p·u taken here, no second read
         mask = lanes < n
         at = start + lanes
         p, g, s1, s2, u = _load_direction(
