@@ -117,8 +117,11 @@ def _cuda_default(
     workspace: Workspace | None,
     tensors: list[Tensor] | None,
 ) -> bool:
-    """Whether CUDA tensors of the group would take the Triton kernels were they installed."""
+    """Whether CUDA tensors of the group would take the Triton kernels were they installed
+    (no scan of the group where CUDA is not available: the CPU's steps pay nothing)."""
     if fused is not None or foreach_flag is False or workspace is None:
+        return False
+    if not torch.cuda.is_available():
         return False
     return tensors is None or any(t.is_cuda for t in tensors)
 
